@@ -1,0 +1,60 @@
+"""grouped_mm: torch._grouped_mm over expert-sorted rows (the torchtitan path).
+
+Legend: T tokens, D model dim, F expert hidden, E experts, K top-k, S = T*K slots.
+torch._grouped_mm needs row strides that are multiples of 16 bytes. When F (or D) is not a multiple of
+16 bytes' worth of elements, the weights are zero-padded (gate/up columns, w2 rows, x columns): silu(0)*0 = 0
+and zero rows add nothing, so the result is exactly the unpadded one. The padding copy is part of this
+backend's cost and is timed with it.
+"""
+import torch
+import torch.nn.functional as F
+
+from implementations.routing_meta import sort_by_expert
+from moebench.registry import Backend, register
+
+
+def _align(dtype: torch.dtype) -> int:
+    return 16 // torch.empty((), dtype=dtype).element_size()
+
+
+def forward(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD):
+    E, D, F2 = w1_EDF2.shape
+    Fh = F2 // 2
+    a = _align(x_TD.dtype)
+    pad_F, pad_D = (-Fh) % a, (-D) % a
+    if pad_F:
+        g_EDF, u_EDF = w1_EDF2.chunk(2, dim=-1)
+        w1_EDF2 = torch.cat([F.pad(g_EDF, (0, pad_F)), F.pad(u_EDF, (0, pad_F))], dim=-1)
+        w2_EFD = F.pad(w2_EFD, (0, 0, 0, pad_F))
+    if pad_D:
+        x_TD = F.pad(x_TD, (0, pad_D))
+        w1_EDF2 = F.pad(w1_EDF2, (0, 0, 0, pad_D))
+        w2_EFD = F.pad(w2_EFD, (0, pad_D))
+    order_S, tok_S, _, offs_E = sort_by_expert(idx_TK, E)
+    h_SF2 = torch._grouped_mm(x_TD[tok_S], w1_EDF2, offs=offs_E)
+    g_SF, u_SF = h_SF2.chunk(2, dim=-1)
+    a_SF = (F.silu(g_SF) * u_SF).contiguous()
+    o_SD = torch._grouped_mm(a_SF, w2_EFD, offs=offs_E) * p_TK.reshape(-1)[order_S].unsqueeze(-1)
+    y_TD = torch.zeros_like(x_TD).index_add_(0, tok_S, o_SD)
+    return y_TD[:, :D] if pad_D else y_TD
+
+
+def _available():
+    return None if hasattr(torch, "_grouped_mm") else f"torch {torch.__version__} has no torch._grouped_mm"
+
+
+def _supports(device, dtype, shape):
+    if device == "cuda":
+        major, _ = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
+        if major < 9 and dtype == "bfloat16":
+            return f"torch._grouped_mm needs compute capability >= 9.0 on CUDA, this GPU is {major}.x"
+    return None
+
+
+register(Backend(
+    name="grouped_mm",
+    forward=forward,
+    description="torch._grouped_mm on expert-sorted rows (PyTorch native, torchtitan path)",
+    available=_available,
+    supports=_supports,
+))

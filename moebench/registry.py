@@ -1,0 +1,117 @@
+"""Backend registry: name -> Backend, with availability and a one-line reason when not available.
+
+A backend computes y_TD = forward(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, **options), autograd-capable.
+It owns no parameters and never times itself. Built-in backends live in implementations/; third-party
+packages add theirs through the `moebench.backends` entry-point group (the entry point names a module
+that calls `register(...)` on import, or a Backend object).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Callable
+
+BUILTIN_MODULES = (
+    "implementations.naive",
+    "implementations.shuffle",
+    "implementations.grouped_mm",
+    "implementations.capacity",
+    "implementations.triton",
+    "implementations.ep",
+    "implementations.peers",
+)
+
+_REGISTRY: dict[str, "Backend"] = {}
+_LOAD_ERRORS: dict[str, str] = {}
+_loaded = False
+
+
+def _always() -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    forward: Callable
+    description: str
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    dropless: bool = True            # False: may drop tokens (capacity); parity vs naive is then skipped
+    needs_process_group: bool = False
+    options: dict = field(default_factory=dict)   # option name -> default value (recorded in the case)
+    available: Callable[[], str | None] = _always  # None, or why it cannot run here
+    supports: Callable[..., str | None] | None = None  # (device, dtype, shape dict) -> None | reason
+
+    def why_not(self, device: str, dtype: str, shape: dict | None = None) -> str | None:
+        """None when this backend can run the case here, else a one-line reason."""
+        reason = self.available()
+        if reason:
+            return reason
+        if device not in self.devices:
+            return f"{self.name} runs on {', '.join(self.devices)}, not {device}"
+        if dtype not in self.dtypes:
+            return f"{self.name} supports dtypes {', '.join(self.dtypes)}, not {dtype}"
+        if self.supports is not None:
+            return self.supports(device, dtype, shape or {})
+        return None
+
+
+def register(backend: Backend) -> Backend:
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in BUILTIN_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:  # a module that exists but failed to import is worth reporting
+                _LOAD_ERRORS[mod] = f"{type(e).__name__}: {e}"
+        except Exception as e:  # noqa: BLE001 - a broken optional backend must not break the registry
+            _LOAD_ERRORS[mod] = f"{type(e).__name__}: {e}"
+    for ep in metadata.entry_points(group="moebench.backends"):
+        try:
+            obj = ep.load()
+            if isinstance(obj, Backend):
+                register(obj)
+        except Exception as e:  # noqa: BLE001
+            _LOAD_ERRORS[f"entry point {ep.name}"] = f"{type(e).__name__}: {e}"
+
+
+def all_backends() -> dict[str, Backend]:
+    _load_all()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def load_errors() -> dict[str, str]:
+    _load_all()
+    return dict(_LOAD_ERRORS)
+
+
+class UnknownName(KeyError):
+    """An unknown backend / suite / preset name; the message lists the valid names and the closest."""
+
+    def __init__(self, kind: str, name: str, valid):
+        valid = sorted(valid)
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        self.message = f"unknown {kind} '{name}'.{hint} Valid {kind}s: {', '.join(valid)}"
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def get(name: str) -> Backend:
+    backends = all_backends()
+    if name not in backends:
+        raise UnknownName("backend", name, backends)
+    return backends[name]

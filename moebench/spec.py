@@ -1,0 +1,264 @@
+"""ModelSpec, RouterSpec, Workload and Case: validated (pydantic), hashable into a stable case_key.
+
+Presets are plain named specs taken from what the seed systems publish (see PRESET_SOURCES).
+Legend: D model dim, F expert hidden, E routed experts, K top-k, L layers, V vocab.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DTYPES = ("float32", "bfloat16", "float16")
+ROUTING_RE = re.compile(r"^(learned|uniform|zipf:(\d+(\.\d+)?)|hot:(\d+))$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RouterSpec(_Strict):
+    """How tokens pick experts. The balance strategy and z-loss are router options, not backends."""
+    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    temperature: float = Field(1.0, gt=0)
+    norm_topk: bool = True                  # renormalise the K selected weights to sum to 1
+    route_scale: float = Field(1.0, gt=0)   # multiply gate weights (DeepSeek-V3 routed_scaling_factor)
+    n_group: int = Field(1, ge=1)           # group-limited routing: E experts in n_group groups ...
+    topk_group: int = Field(1, ge=1)        # ... tokens may only pick from the best topk_group groups
+    balance: Literal["none", "aux", "bias"] = "none"
+    aux_alpha: float = Field(0.01, ge=0)    # Switch aux loss coefficient (balance = "aux")
+    bias_rate: float = Field(1e-3, ge=0)    # loss-free bias update speed u (balance = "bias")
+    z_loss: float = Field(0.0, ge=0)        # ST-MoE router z-loss coefficient
+    capacity_factor: float | None = Field(None, gt=0)  # None: dropless
+
+
+class ModelSpec(_Strict):
+    name: str = "custom"
+    vocab_size: int = Field(32000, ge=2)
+    d_model: int = Field(ge=1)
+    n_layers: int = Field(1, ge=1)
+    n_heads: int = Field(1, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1)   # None: = n_heads (MHA); fewer: GQA
+    max_seq_len: int = Field(2048, ge=1)
+    n_experts: int = Field(ge=1)
+    top_k: int = Field(ge=1)
+    d_expert: int = Field(ge=1)                  # F, hidden size of one routed expert
+    n_shared_experts: int = Field(0, ge=0)
+    d_shared: int | None = Field(None, ge=1)     # hidden size of one shared expert (None: d_expert)
+    first_dense_layers: int = Field(0, ge=0)     # DeepSeek: the first layers use a dense FFN
+    d_dense: int | None = Field(None, ge=1)      # hidden size of that dense FFN (None: d_expert * top_k)
+    tie_embeddings: bool = True
+    moe_output_scale: float = 1.0                # MoEForge mlp_residual_scale
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    attention: Literal["sdpa", "math", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flash-attn"] = "sdpa"
+    norm: Literal["torch", "liger", "triton"] = "torch"
+    router: RouterSpec = RouterSpec()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= n_experts ({self.n_experts})")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
+        r = self.router
+        if self.n_experts % r.n_group:
+            raise ValueError(f"router.n_group ({r.n_group}) must divide n_experts ({self.n_experts})")
+        if r.topk_group > r.n_group:
+            raise ValueError(f"router.topk_group ({r.topk_group}) must be <= router.n_group ({r.n_group})")
+        if r.n_group > 1 and self.top_k > r.topk_group * (self.n_experts // r.n_group):
+            raise ValueError("top_k exceeds the experts available in router.topk_group groups")
+        if self.first_dense_layers > self.n_layers:
+            raise ValueError("first_dense_layers must be <= n_layers")
+        return self
+
+    # ---- derived sizes ----
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def shared_hidden(self) -> int:
+        """Hidden size of all shared experts merged into one SwiGLU MLP."""
+        return self.n_shared_experts * (self.d_shared or self.d_expert)
+
+    @property
+    def dense_hidden(self) -> int:
+        return self.d_dense or self.d_expert * self.top_k
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.first_dense_layers
+
+    def params(self) -> dict:
+        """Total and active parameter counts (embeddings counted once when tied)."""
+        D, F, E, K = self.d_model, self.d_expert, self.n_experts, self.top_k
+        attn = D * self.n_heads * self.head_dim * 2 + D * self.kv_heads * self.head_dim * 2
+        norms = 2 * D
+        expert = 3 * D * F
+        shared = 3 * D * self.shared_hidden
+        router = D * E
+        dense_ffn = 3 * D * self.dense_hidden
+        embed = self.vocab_size * D * (1 if self.tie_embeddings else 2)
+        moe_layer_total = attn + norms + router + shared + E * expert
+        moe_layer_active = attn + norms + router + shared + K * expert
+        dense_layer = attn + norms + dense_ffn
+        base = embed + D  # final norm
+        nd, nm = self.first_dense_layers, self.n_moe_layers
+        total = base + nd * dense_layer + nm * moe_layer_total
+        active = base + nd * dense_layer + nm * moe_layer_active
+        return {"total": total, "active": active, "expert_per_layer": E * expert, "embedding": embed}
+
+    def layer_flops_per_token(self) -> float:
+        """Forward matmul FLOPs of one MoE layer's experts per token: 6*K*D*F (+ shared). Router excluded,
+        as in the SonicMoE / issue tables (it is 2*D*E, small next to 6*K*D*F)."""
+        return 6.0 * self.d_model * (self.top_k * self.d_expert + self.shared_hidden)
+
+    def flops_per_token(self, seq: int) -> float:
+        """Forward matmul FLOPs per token of the whole model at sequence length seq: every projection
+        (2 FLOPs per weight used), active experts only, causal attention scores counted half."""
+        D = self.d_model
+        attn_proj = 2 * (D * self.n_heads * self.head_dim * 2 + D * self.kv_heads * self.head_dim * 2)
+        attn_scores = 2 * 2 * seq * self.n_heads * self.head_dim / 2  # QK^T and AV, causal half
+        router = 2 * D * self.n_experts
+        dense = 6 * D * self.dense_hidden
+        lm_head = 2 * D * self.vocab_size
+        per_moe = attn_proj + attn_scores + router + self.layer_flops_per_token()
+        per_dense = attn_proj + attn_scores + dense
+        return self.n_moe_layers * per_moe + self.first_dense_layers * per_dense + lm_head
+
+
+class Workload(_Strict):
+    """What is timed. level: the MoE layer alone or the whole model; mode: train (fwd+bwd, and the AdamW
+    step at model level) or forward; routing: learned | uniform | zipf:<s> | hot:<k>."""
+    level: Literal["layer", "model"] = "layer"
+    mode: Literal["train", "forward"] = "train"
+    batch: int = Field(1, ge=1)
+    seq: int = Field(ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    routing: str = "learned"
+    warmup: int = Field(3, ge=0)
+    repeats: int = Field(10, ge=1)
+    seed: int = 0
+
+    @field_validator("routing")
+    @classmethod
+    def _routing(cls, v: str) -> str:
+        if not ROUTING_RE.match(v):
+            raise ValueError(f"routing must be learned, uniform, zipf:<s> or hot:<k>, got '{v}'")
+        return v
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+class Case(_Strict):
+    """One measurement: a model spec x a backend (+ options) x a workload."""
+    model: ModelSpec
+    backend: str
+    backend_options: dict = Field(default_factory=dict)
+    workload: Workload
+    suite: str = "adhoc"
+    memory_budget_gib: float | None = Field(None, gt=0)
+    timeout_s: float = Field(600, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        w, m = self.workload, self.model
+        if w.routing.startswith("hot:") and int(w.routing[4:]) > m.n_experts:
+            raise ValueError(f"routing {w.routing}: more hot experts than n_experts ({m.n_experts})")
+        if w.level == "model" and w.seq > m.max_seq_len:
+            raise ValueError(f"workload.seq ({w.seq}) exceeds model max_seq_len ({m.max_seq_len})")
+        return self
+
+    @property
+    def key(self) -> str:
+        """Stable hash of what is measured (spec + backend + options + workload); not the suite/budget."""
+        blob = json.dumps({"model": self.model.model_dump(mode="json"), "backend": self.backend,
+                           "options": self.backend_options, "workload": self.workload.model_dump(mode="json")},
+                          sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def label(self) -> str:
+        w = self.workload
+        opts = "".join(f",{k}={v}" for k, v in sorted(self.backend_options.items()))
+        return (f"{self.model.name} | {self.backend}{opts} | {w.level}/{w.mode} {w.dtype} "
+                f"T={w.tokens} {w.routing}")
+
+
+def _moeforge(name: str, D: int, H: int, L: int, E: int, K: int = 2) -> ModelSpec:
+    """MoEForge config.py: F = 256*ceil(int(D*5/3)/256); shared F = 256*ceil(int(D*5/3*0.5)/256);
+    fused qkv, MHA, tied embeddings, V=32000, mlp_residual_scale 0.5, aux + z-loss."""
+    F = 256 * math.ceil(int(D * 5 / 3) / 256)
+    Fs = 256 * math.ceil(int(D * 5 / 3 * 0.5) / 256)
+    return ModelSpec(name=name, vocab_size=32000, d_model=D, n_heads=H, n_layers=L, n_experts=E, top_k=K,
+                     d_expert=F, n_shared_experts=1, d_shared=Fs, max_seq_len=2048, moe_output_scale=0.5,
+                     router=RouterSpec(balance="aux", aux_alpha=0.01, z_loss=1e-3))
+
+
+def _layer(name: str, D: int, F: int, E: int, K: int, shared: int = 0, **router) -> ModelSpec:
+    """A layer-level shape (T comes from the workload)."""
+    return ModelSpec(name=name, d_model=D, d_expert=F, n_experts=E, top_k=K, n_shared_experts=shared,
+                     n_heads=1, router=RouterSpec(**router))
+
+
+PRESETS: dict[str, ModelSpec] = {
+    # MoEForge (github MadrasLe/MoEForge, moeforge/config.py SMALL/MEDIUM/LARGE_CONFIG)
+    "moeforge-small": _moeforge("moeforge-small", D=512, H=16, L=6, E=4),
+    "moeforge-medium": _moeforge("moeforge-medium", D=1024, H=16, L=12, E=8),
+    "moeforge-large": _moeforge("moeforge-large", D=2048, H=32, L=24, E=8),
+    # Optimal MoE LM README defaults: V=50257 (GPT-2), D=512, L=8, 8 heads, 2 KV heads, E=8, K=2, seq 512,
+    # loss-free bias balancing + z-loss. The README gives no expert hidden size: SwiGLU's 8/3*D (1365) is
+    # assumed here; tests/test_spec.py documents how far that is from its ~47M / ~13M claim.
+    "optimal-moe-lm": ModelSpec(name="optimal-moe-lm", vocab_size=50257, d_model=512, n_layers=8, n_heads=8,
+                                n_kv_heads=2, n_experts=8, top_k=2, d_expert=1365, max_seq_len=512,
+                                router=RouterSpec(balance="bias", bias_rate=1e-3, z_loss=1e-3)),
+    # SparseMoE / Switch "Base" row: D=512, 8 experts, 8 heads, depth 12, V=50000, top-1 with capacity
+    # factor 1.0 and aux loss alpha 0.01; FFN hidden 4*D assumed (the README does not give it).
+    "switch-base": ModelSpec(name="switch-base", vocab_size=50000, d_model=512, n_layers=12, n_heads=8,
+                             n_experts=8, top_k=1, d_expert=2048, max_seq_len=2048,
+                             router=RouterSpec(norm_topk=False, balance="aux", aux_alpha=0.01,
+                                               capacity_factor=1.0)),
+    # MoE Transformer README example: hidden 2048, 16 layers, 32 heads, V=32000, 8 routed + 1 shared experts,
+    # top-2, moe_intermediate_size 8192, n_group 2 / topk_group 2, bias balancing, aux coef 0.5.
+    "moe-transformer": ModelSpec(name="moe-transformer", vocab_size=32000, d_model=2048, n_layers=16,
+                                 n_heads=32, n_experts=8, top_k=2, d_expert=8192, n_shared_experts=1,
+                                 max_seq_len=2048,
+                                 router=RouterSpec(n_group=2, topk_group=2, balance="bias", z_loss=0.0)),
+    # MoMoE usage example: embedding_dim 2048, intermediate_dim 1024, 128 experts, 8 chosen (layer only).
+    "momoe-layer": _layer("momoe-layer", D=2048, F=1024, E=128, K=8),
+    # Layer shapes of the h100 suite (issue 8's table) and small test shapes.
+    "olmoe-layer": _layer("olmoe-layer", D=2048, F=1024, E=64, K=8),
+    "mixtral-layer": _layer("mixtral-layer", D=4096, F=14336, E=8, K=2),
+    "deepseek-fine-layer": _layer("deepseek-fine-layer", D=2048, F=1408, E=64, K=6, shared=2),
+    "fine-128x8-layer": _layer("fine-128x8-layer", D=1536, F=256, E=128, K=8),
+    "mid-64x4-layer": _layer("mid-64x4-layer", D=1536, F=512, E=64, K=4),
+    "coarse-32x2-layer": _layer("coarse-32x2-layer", D=1536, F=1024, E=32, K=2),
+    "moeforge-small-layer": _layer("moeforge-small-layer", D=512, F=1365, E=4, K=2),
+    "tiny": ModelSpec(name="tiny", vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                      n_experts=4, top_k=2, d_expert=24, n_shared_experts=1, max_seq_len=128),
+    "tiny-layer": _layer("tiny-layer", D=48, F=36, E=6, K=2),
+}
+
+
+def preset(name: str, **overrides) -> ModelSpec:
+    from moebench.registry import UnknownName
+    if name not in PRESETS:
+        raise UnknownName("preset", name, PRESETS)
+    base = PRESETS[name].model_dump()
+    router_over = overrides.pop("router", None) or {}
+    base.update(overrides)
+    base["router"] = {**base["router"], **router_over}
+    return ModelSpec.model_validate(base)
