@@ -170,6 +170,7 @@ class Case(_Strict):
     backend_options: dict = Field(default_factory=dict)
     workload: Workload
     suite: str = "adhoc"
+    device: Literal["cpu", "cuda"] = "cpu"
     memory_budget_gib: float | None = Field(None, gt=0)
     timeout_s: float = Field(600, gt=0)
 
@@ -184,7 +185,8 @@ class Case(_Strict):
 
     @property
     def key(self) -> str:
-        """Stable hash of what is measured (spec + backend + options + workload); not the suite/budget."""
+        """Stable hash of what is measured (spec + backend + options + workload); not the suite, device or
+        budget, so the same case run on two machines matches in `moebench compare`."""
         blob = json.dumps({"model": self.model.model_dump(mode="json"), "backend": self.backend,
                            "options": self.backend_options, "workload": self.workload.model_dump(mode="json")},
                           sort_keys=True, separators=(",", ":"))

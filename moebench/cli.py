@@ -1,0 +1,138 @@
+"""The `moebench` command: run | list | report | compare. Bad input exits 2 with one clear message."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Benchmark Mixture-of-Experts implementations on one shared model spec.")
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+out = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _fail(msg: str, code: int = 2):
+    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _csv(s: Optional[str]) -> list[str] | None:
+    return [x.strip() for x in s.split(",") if x.strip()] if s else None
+
+
+@app.command()
+def run(
+    suite: Optional[str] = typer.Option(None, "--suite", "-s", help="suite name or path to a .toml (default: l4 on a GPU, ci on a CPU)"),
+    backends: Optional[str] = typer.Option(None, "--backends", "-b", help="comma-separated subset of the suite's backends"),
+    device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu | cuda (default: cuda when available)"),
+    out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="results JSONL (appended); default results/<suite>-<run id>.jsonl"),
+    resume: bool = typer.Option(False, "--resume", help="skip cases already recorded in --out"),
+    worker: str = typer.Option("auto", "--worker", help="auto | per-case | reuse: worker process per case, or reused"),
+    list_cases: bool = typer.Option(False, "--list-cases", help="print the expanded cases and exit"),
+    no_report: bool = typer.Option(False, "--no-report", help="do not render the report after the run"),
+    nproc: int = typer.Option(1, "--nproc", help="processes per case (expert parallel suites)", min=1),
+):
+    """Run a suite: one record per case, appended to the results file as each case ends."""
+    from moebench import registry, runner
+    from moebench.suite import SuiteError, load
+
+    dev = device or runner.default_device()
+    if dev not in ("cpu", "cuda"):
+        _fail(f"--device must be cpu or cuda, got '{dev}'")
+    if worker not in ("auto", "per-case", "reuse"):
+        _fail(f"--worker must be auto, per-case or reuse, got '{worker}'")
+    suite = suite or ("l4" if dev == "cuda" else "ci")
+    try:
+        cases = load(suite, device=dev, backends=_csv(backends))
+    except (SuiteError, registry.UnknownName) as e:
+        _fail(str(e))
+    if not cases:
+        _fail(f"suite '{suite}' expands to no cases with backends {backends}")
+    if list_cases:
+        for c in cases:
+            out.print(f"{c.key}  {c.label}", highlight=False)
+        raise typer.Exit(0)
+    run_id = runner.new_run_id()
+    path = out_path or Path("results") / f"{Path(suite).stem}-{run_id}.jsonl"
+    if nproc > 1:
+        from moebench import distributed
+        summary = distributed.run(cases, path, nproc=nproc, resume=resume, run_id=run_id, console=err)
+    else:
+        reuse = None if worker == "auto" else worker == "reuse"
+        try:
+            summary = runner.run(cases, path, resume=resume, run_id=run_id, reuse_worker=reuse, console=err)
+        except OSError as e:
+            _fail(str(e))
+    if summary.records:
+        out.print(runner.summary_table(summary.records))
+    done = len(summary.records)
+    err.print(f"{done} case(s) recorded in {summary.out}"
+              + (f"; {summary.skipped_done} already done (--resume)" if summary.skipped_done else ""))
+    if summary.interrupted:
+        err.print(f"[yellow]interrupted[/]: finished records are safe in {summary.out}; "
+                  f"continue with: moebench run --suite {suite} --out {summary.out} --resume")
+        raise typer.Exit(130)
+    if not no_report and summary.records:
+        try:
+            from moebench import report
+        except ImportError:
+            report = None
+        if report is not None:
+            rdir = Path("reports") / summary.out.stem
+            report.render([summary.out], rdir)
+            err.print(f"report: {rdir / 'index.html'}")
+
+
+@app.command("list")
+def list_(what: str = typer.Argument("all", help="backends | suites | presets | all")):
+    """List backends (available here? why not), suites and presets."""
+    from rich.table import Table
+
+    from moebench import registry, runner
+    from moebench.spec import PRESETS
+    from moebench.suite import available_suites, describe
+
+    if what not in ("all", "backends", "suites", "presets"):
+        _fail(f"list takes backends, suites, presets or all, not '{what}'")
+    dev = runner.default_device()
+    if what in ("all", "backends"):
+        t = Table(title=f"backends (device here: {dev})")
+        for c in ("name", "available", "dropless", "options", "description"):
+            t.add_column(c)
+        for name, b in registry.all_backends().items():
+            why = b.why_not(dev, "bfloat16" if dev == "cuda" else "float32")
+            t.add_row(name, "[green]yes[/]" if why is None else f"[yellow]no[/]: {why}", str(b.dropless),
+                      ", ".join(f"{k}={v}" for k, v in b.options.items()), b.description)
+        out.print(t)
+        for mod, e in registry.load_errors().items():
+            out.print(f"[red]could not load {mod}[/]: {e}")
+    if what in ("all", "suites"):
+        t = Table(title="suites")
+        t.add_column("name")
+        t.add_column("description")
+        for name in available_suites():
+            t.add_row(name, describe(name))
+        out.print(t)
+    if what in ("all", "presets"):
+        t = Table(title="presets")
+        for c in ("name", "D", "F", "E", "K", "layers", "total params", "active params"):
+            t.add_column(c, justify="right" if c != "name" else "left")
+        for name, p in PRESETS.items():
+            q = p.params()
+            t.add_row(name, str(p.d_model), str(p.d_expert), str(p.n_experts), str(p.top_k), str(p.n_layers),
+                      f"{q['total'] / 1e6:,.1f}M", f"{q['active'] / 1e6:,.1f}M")
+        out.print(t)
+
+
+def main():
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

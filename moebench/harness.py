@@ -1,0 +1,265 @@
+"""Runs one Case and returns one Record: availability -> parity vs naive -> build -> warm-up -> timed steps.
+
+Legend: T tokens, D model dim, F expert hidden, E experts, K top-k.
+The harness times; backends never time themselves. GPU: CUDA events around each step, warm-up first,
+L2 flushed between layer-level repeats. CPU: perf_counter. Parity compares the backend with `naive` in
+higher precision (fp32 cases: float64 reference; bf16/fp16: float32) on the same weights, inputs AND routing
+decisions; a failure is status `mismatch` and nothing is timed.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import time
+import traceback
+
+import torch
+
+from moebench import components, envinfo, metrics
+from moebench.model import MoEModel, build_layer
+from moebench.registry import get
+from moebench.results import make_record
+from moebench.routing import synthetic_idx
+from moebench.spec import Case
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 1e-2}
+L2_FLUSH_BYTES = 256 * 2**20
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, step: int, value: float):
+        super().__init__(f"non-finite loss {value} at step {step}")
+        self.step = step
+
+
+def run_case(case: Case, run_id: str, env: dict) -> dict:
+    """Never raises for a problem of the case itself: every outcome is a record."""
+    def rec(status, reason="", m=None):
+        return make_record(case, status, run_id=run_id, env=env, reason=reason, metrics=m)
+
+    try:
+        backend = get(case.backend)
+    except KeyError as e:
+        return rec("failed", str(e))
+    w, spec = case.workload, case.model
+    shape = {"T": w.tokens, "D": spec.d_model, "F": spec.d_expert, "E": spec.n_experts, "K": spec.top_k}
+    reason = backend.why_not(case.device, w.dtype, shape)
+    if reason is None and w.level == "model":
+        reason = components.why_not(spec.attention, spec.norm, case.device, w.dtype)
+    if reason is None and case.device == "cuda" and not torch.cuda.is_available():
+        reason = "CUDA requested but torch.cuda.is_available() is False"
+    if reason:
+        return rec("skipped", reason)
+    device = torch.device(case.device)
+    m: dict = {}
+    try:
+        _apply_memory_budget(case)
+        m["parity"] = parity(case)
+        if not m["parity"]["ok"]:
+            worst = max(m["parity"]["errors"], key=m["parity"]["errors"].get)
+            return rec("mismatch", f"{worst} rel err {m['parity']['errors'][worst]:.3g} > tol "
+                                   f"{m['parity']['tol']:.0e} vs naive", m)
+        m |= measure(case, device)
+        return rec("ok", "", m)
+    except torch.OutOfMemoryError as e:
+        return rec("oom", _first_line(e), m | _memory(device))
+    except NonFiniteLoss as e:
+        return rec("failed", str(e), m | {"failed_step": e.step})
+    except Exception as e:  # noqa: BLE001 - one failing case never stops the suite
+        return rec("failed", f"{type(e).__name__}: {_first_line(e)}", m | {"traceback": traceback.format_exc()[-4000:]})
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:500] if s else type(e).__name__
+
+
+def _apply_memory_budget(case: Case) -> None:
+    if case.device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        frac = 1.0 if case.memory_budget_gib is None else min(1.0, case.memory_budget_gib * 2**30 / total)
+        torch.cuda.set_per_process_memory_fraction(frac)
+
+
+# ----------------------------------------------------------------------------------------------- parity
+def routing_for(case: Case, T: int, gen: torch.Generator, layer: int = 0) -> torch.Tensor:
+    """idx_TK for parity: the workload's synthetic table, or top-k of random router scores for `learned`."""
+    spec, w = case.model, case.workload
+    if w.routing != "learned":
+        return synthetic_idx(w.routing, T, spec.n_experts, spec.top_k, seed=w.seed * 1000 + layer)
+    return torch.randn(T, spec.n_experts, generator=gen).topk(spec.top_k, dim=-1).indices
+
+
+def parity(case: Case) -> dict:
+    """Output and every gradient (x, w1, w2, p) of the backend vs naive in higher precision."""
+    backend, naive = get(case.backend), get("naive")
+    spec, w = case.model, case.workload
+    if not backend.dropless:
+        return {"ok": True, "skipped": f"{backend.name} drops tokens by design; no dropless reference"}
+    dev, dt = torch.device(case.device), DTYPES[w.dtype]
+    ref_dt = torch.float64 if dt == torch.float32 else torch.float32
+    T, D, Fh, E = w.tokens, spec.d_model, spec.d_expert, spec.n_experts
+    g = torch.Generator().manual_seed(w.seed + 12345)
+    base = {
+        "x_TD": torch.randn(T, D, generator=g),
+        "w1_EDF2": torch.randn(E, D, 2 * Fh, generator=g) / math.sqrt(D),
+        "w2_EFD": torch.randn(E, Fh, D, generator=g) / math.sqrt(Fh),
+        "p_TK": torch.rand(T, spec.top_k, generator=g) + 0.05,
+    }
+    idx_TK = routing_for(case, T, g).to(dev)
+    dy_TD = torch.randn(T, D, generator=g)
+
+    def run(fn, dtype, **opts):
+        leaves = {k: v.to(dev, dtype).requires_grad_() for k, v in base.items()}
+        y = fn(leaves["x_TD"], idx_TK, leaves["p_TK"], leaves["w1_EDF2"], leaves["w2_EFD"], **opts)
+        y.backward(dy_TD.to(dev, dtype))
+        return {"y": y.detach()} | {f"d{k.split('_')[0]}": v.grad for k, v in leaves.items()}
+
+    ref = run(naive.forward, ref_dt)
+    got = run(backend.forward, dt, **{**backend.options, **case.backend_options})
+    errors = {k: metrics.rel_err(got[k] if got[k] is not None else torch.zeros_like(ref[k]), ref[k]) for k in ref}
+    tol = TOLERANCE[w.dtype]
+    return {"ok": all(e <= tol for e in errors.values()), "errors": errors, "tol": tol,
+            "reference": f"naive in {str(ref_dt).replace('torch.', '')}", "T": T}
+
+
+# ------------------------------------------------------------------------------------------------ timing
+class _Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list = []
+
+    def start(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.spans.append([ev, None])
+        else:
+            self.spans.append([time.perf_counter(), None])
+
+    def stop(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.spans[-1][1] = ev
+        else:
+            self.spans[-1][1] = time.perf_counter()
+
+    def ms(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in self.spans]
+        return [(b - a) * 1e3 for a, b in self.spans]
+
+
+def _memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"memory": {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                           "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}}
+    return {"memory": {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                       "note": "peak RSS of the worker process"}}
+
+
+def measure(case: Case, device: torch.device) -> dict:
+    w, spec = case.workload, case.model
+    backend = get(case.backend)
+    opts = {**backend.options, **case.backend_options}
+    dt = DTYPES[w.dtype]
+    torch.manual_seed(w.seed)
+    if w.level == "layer":
+        step, routes_of, extra = _layer_step(case, backend, opts, device, dt)
+        flops = spec.layer_flops_per_token()
+    else:
+        step, routes_of, extra = _model_step(case, backend, opts, device, dt)
+        flops = spec.flops_per_token(w.seq)
+    flops *= 3 if w.mode == "train" else 1
+    flush = torch.empty(L2_FLUSH_BYTES // 4, device=device) if device.type == "cuda" and w.level == "layer" else None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(w.warmup):
+        step(i)
+    timer, outs = _Timer(device), []
+    for i in range(w.repeats):
+        if flush is not None:
+            flush.fill_(float(i))
+        timer.start()
+        outs.append(step(w.warmup + i))
+        timer.stop()
+    step_ms = timer.ms()
+    counts = [[c.tolist() for c in routes_of(o)] for o in outs]
+    losses = [float(o["loss"]) for o in outs if isinstance(o, dict) and "loss" in o]
+    for i, v in enumerate(losses):
+        if not math.isfinite(v):
+            raise NonFiniteLoss(w.warmup + i, v)
+    ceiling = envinfo.ceiling(device)
+    m = metrics.rates(step_ms, w.tokens, flops, ceiling["tflops"], metrics.datasheet_peak(envinfo.gpu_name()))
+    m |= _memory(device) | {"balance": metrics.balance_block(counts)} | extra
+    if losses:
+        m["loss_curve"] = losses
+    return m
+
+
+def _layer_step(case, backend, opts, device, dt):
+    w, spec = case.workload, case.model
+    layer = build_layer(spec, backend, opts, seed=w.seed).to(device, dt)
+    if w.routing != "learned":
+        layer.router.fixed_idx_TK = synthetic_idx(w.routing, w.tokens, spec.n_experts, spec.top_k,
+                                                  seed=w.seed * 1000).to(device)
+    g = torch.Generator(device=device).manual_seed(w.seed + 1)
+    n_buf = 3  # rotate among fresh inputs so no step reuses the last one's cache lines
+    xs = [torch.randn(w.tokens, spec.d_model, device=device, dtype=dt, generator=g) for _ in range(n_buf)]
+    dys = [torch.randn(w.tokens, spec.d_model, device=device, dtype=dt, generator=g) for _ in range(n_buf)]
+    train = w.mode == "train"
+    if train:
+        for x in xs:
+            x.requires_grad_()
+
+    def step(i):
+        x = xs[i % n_buf]
+        if train:
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            y, r = layer(x)
+            y.backward(dys[i % n_buf])
+        else:
+            with torch.no_grad():
+                y, r = layer(x)
+        return r.counts_E
+
+    return step, lambda c: [c], {}
+
+
+def _model_step(case, backend, opts, device, dt):
+    w, spec = case.workload, case.model
+    model = MoEModel(spec, backend, opts, seed=w.seed).to(device, dt)
+    if w.routing != "learned":
+        for li, moe in enumerate(model.moe_layers):
+            moe.router.fixed_idx_TK = synthetic_idx(w.routing, w.tokens, spec.n_experts, spec.top_k,
+                                                    seed=w.seed * 1000 + li).to(device)
+    g = torch.Generator(device=device).manual_seed(w.seed + 1)
+    ids = [torch.randint(0, spec.vocab_size, (w.batch, w.seq), device=device, generator=g) for _ in range(4)]
+    train = w.mode == "train"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1) if train else None
+    if not train:
+        model.eval()
+
+    def step(i):
+        batch = ids[i % len(ids)]
+        if train:
+            out = model(batch, batch)
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            model.update_router_biases()
+            return {"loss": out["loss"].detach(), "counts": [r.counts_E for r in out["routes"]]}
+        with torch.no_grad():
+            out = model(batch)
+        return {"counts": [r.counts_E for r in out["routes"]]}
+
+    return step, lambda o: o["counts"], {"params": spec.params()}

@@ -1,0 +1,167 @@
+"""The one decoder-only transformer every backend shares: RMSNorm, RoPE, GQA attention, MoE FFN
+(router -> backend -> weighted combine) with optional shared experts and first dense layers, tied
+embeddings, LM loss plus the routers' aux losses. Weights live here in the canonical layout
+(w1_EDF2 = [gate | up], w2_EFD, wr_DE), so any backend runs on the same parameters.
+
+Legend: B batch, S seq, T = B*S tokens, D model dim, H heads, Hkv KV heads, Dh head dim, F expert hidden,
+E experts, K top-k, V vocab.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moebench import components
+from moebench.registry import Backend
+from moebench.routing import Router, RouterOut
+from moebench.spec import ModelSpec
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU MLP (shared experts merged into one, and the first dense layers)."""
+
+    def __init__(self, D: int, Fh: int):
+        super().__init__()
+        self.w1_DF2 = nn.Parameter(torch.empty(D, 2 * Fh))
+        self.w2_FD = nn.Parameter(torch.empty(Fh, D))
+
+    def forward(self, x_TD):
+        g_TF, u_TF = (x_TD @ self.w1_DF2).chunk(2, dim=-1)
+        return (F.silu(g_TF) * u_TF) @ self.w2_FD
+
+
+def rope_cos_sin(S: int, Dh: int, theta: float, device, dtype):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, Dh, 2, device=device, dtype=torch.float32) / Dh))
+    ang_SDh2 = torch.outer(torch.arange(S, device=device, dtype=torch.float32), inv_freq)
+    return ang_SDh2.cos().to(dtype), ang_SDh2.sin().to(dtype)
+
+
+def apply_rope(x_BHSDh, cos, sin):
+    x1, x2 = x_BHSDh.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        D, H, Hkv, Dh = spec.d_model, spec.n_heads, spec.kv_heads, spec.head_dim
+        self.H, self.Hkv, self.Dh, self.theta = H, Hkv, Dh, spec.rope_theta
+        self.wqkv_DX = nn.Parameter(torch.empty(D, (H + 2 * Hkv) * Dh))
+        self.wo_XD = nn.Parameter(torch.empty(H * Dh, D))
+        self.attend = components.attention_fn(spec.attention)
+
+    def forward(self, x_BSD):
+        B, S, _ = x_BSD.shape
+        qkv = x_BSD @ self.wqkv_DX
+        q, k, v = qkv.split([self.H * self.Dh, self.Hkv * self.Dh, self.Hkv * self.Dh], dim=-1)
+        q = q.view(B, S, self.H, self.Dh).transpose(1, 2)
+        k = k.view(B, S, self.Hkv, self.Dh).transpose(1, 2)
+        v = v.view(B, S, self.Hkv, self.Dh).transpose(1, 2)
+        cos, sin = rope_cos_sin(S, self.Dh, self.theta, x_BSD.device, x_BSD.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.Hkv != self.H:
+            k = k.repeat_interleave(self.H // self.Hkv, dim=1)
+            v = v.repeat_interleave(self.H // self.Hkv, dim=1)
+        o_BHSDh = self.attend(q, k, v)
+        return o_BHSDh.transpose(1, 2).reshape(B, S, self.H * self.Dh) @ self.wo_XD
+
+
+class MoE(nn.Module):
+    """Router -> backend -> (+ shared experts) -> scale. Owns every expert weight; the backend owns none."""
+
+    def __init__(self, spec: ModelSpec, backend: Backend, backend_options: dict | None = None):
+        super().__init__()
+        D, Fh, E = spec.d_model, spec.d_expert, spec.n_experts
+        self.backend, self.options, self.scale = backend, dict(backend_options or {}), spec.moe_output_scale
+        self.router = Router(spec.router, D, E, spec.top_k)
+        self.w1_EDF2 = nn.Parameter(torch.empty(E, D, 2 * Fh))
+        self.w2_EFD = nn.Parameter(torch.empty(E, Fh, D))
+        self.shared = SwiGLU(D, spec.shared_hidden) if spec.n_shared_experts else None
+
+    def forward(self, x_TD) -> tuple[torch.Tensor, RouterOut]:
+        r = self.router(x_TD)
+        y_TD = self.backend.forward(x_TD, r.idx_TK, r.p_TK.to(x_TD.dtype), self.w1_EDF2, self.w2_EFD,
+                                    **self.options)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        return (y_TD * self.scale if self.scale != 1.0 else y_TD), r
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, backend: Backend, options: dict, dense: bool):
+        super().__init__()
+        self.ln1 = components.norm(spec.norm, spec.d_model, spec.norm_eps)
+        self.ln2 = components.norm(spec.norm, spec.d_model, spec.norm_eps)
+        self.attn = Attention(spec)
+        self.ffn = SwiGLU(spec.d_model, spec.dense_hidden) if dense else MoE(spec, backend, options)
+
+    def forward(self, x_BSD):
+        x_BSD = x_BSD + self.attn(self.ln1(x_BSD))
+        h_TD = self.ln2(x_BSD).reshape(-1, x_BSD.shape[-1])
+        if isinstance(self.ffn, MoE):
+            y_TD, r = self.ffn(h_TD)
+        else:
+            y_TD, r = self.ffn(h_TD), None
+        return x_BSD + y_TD.view_as(x_BSD), r
+
+
+class MoEModel(nn.Module):
+    def __init__(self, spec: ModelSpec, backend: Backend, backend_options: dict | None = None, seed: int = 0):
+        super().__init__()
+        self.spec = spec
+        self.embed_VD = nn.Parameter(torch.empty(spec.vocab_size, spec.d_model))
+        self.blocks = nn.ModuleList(Block(spec, backend, backend_options or {}, i < spec.first_dense_layers)
+                                    for i in range(spec.n_layers))
+        self.ln_f = components.norm(spec.norm, spec.d_model, spec.norm_eps)
+        self.head_DV = None if spec.tie_embeddings else nn.Parameter(torch.empty(spec.d_model, spec.vocab_size))
+        init_weights(self, seed)
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    def forward(self, ids_BS, labels_BS=None):
+        x_BSD = F.embedding(ids_BS, self.embed_VD)
+        routes = []
+        for blk in self.blocks:
+            x_BSD, r = blk(x_BSD)
+            if r is not None:
+                routes.append(r)
+        h_BSD = self.ln_f(x_BSD)
+        logits_BSV = h_BSD @ (self.embed_VD.t() if self.head_DV is None else self.head_DV)
+        out = {"logits": logits_BSV, "routes": routes}
+        if labels_BS is not None:
+            lm = F.cross_entropy(logits_BSV[:, :-1].flatten(0, 1).float(), labels_BS[:, 1:].flatten())
+            aux = sum((v for r in routes for v in r.aux.values()), torch.zeros((), device=lm.device))
+            out |= {"lm_loss": lm, "aux_loss": aux, "loss": lm + aux}
+        return out
+
+    def update_router_biases(self) -> None:
+        for m in self.moe_layers:
+            m.router.update_bias()
+
+
+@torch.no_grad()
+def init_weights(model: MoEModel, seed: int, std: float = 0.02) -> None:
+    """Deterministic init from a seed, independent of the backend: same seed, same weights, any backend.
+    Normal(0, 0.02); output projections scaled by 1/sqrt(2 L) (GPT-2); norm scales 1."""
+    g = torch.Generator().manual_seed(seed)
+    out_std = std / math.sqrt(2 * model.spec.n_layers)
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.dim() == 1:  # norm scales
+            p.fill_(1.0)
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) * (out_std if name.endswith(("wo_XD", "w2_EFD", "w2_FD")) else std))
+
+
+def build_layer(spec: ModelSpec, backend: Backend, options: dict | None = None, seed: int = 0) -> MoE:
+    """The MoE layer alone (layer-level workloads), initialised like the model's layers."""
+    layer = MoE(spec, backend, options)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(layer.named_parameters(), key=lambda kv: kv[0]):
+            p.copy_(torch.randn(p.shape, generator=g) * (1.0 / math.sqrt(p.shape[-2] if p.dim() > 1 else 1)))
+    return layer

@@ -1,0 +1,134 @@
+"""Record schema, the append-only JSONL store (file-locked, fsync'd) and loading into pandas.
+
+A record is one JSON object per case per run:
+  schema, run_id, suite, case_key, label, case (full spec, backend, options, workload), status, reason,
+  env (gpu, driver, cuda, torch, triton, python, host, moebench version, git commit + dirty, ceiling),
+  metrics (step_ms {p20,p50,p80,samples}, tokens_per_s {p20,p50,p80}, tflops, mfu_measured, mfu_datasheet,
+  memory {peak_allocated_gib, peak_reserved_gib | peak_rss_gib}, balance {...}, parity {...}, loss_curve)
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA = 1
+STATUSES = ("ok", "skipped", "mismatch", "oom", "timeout", "failed")
+
+
+def make_record(case, status: str, *, run_id: str, env: dict, reason: str = "", metrics: dict | None = None) -> dict:
+    assert status in STATUSES, status
+    return {
+        "schema": SCHEMA, "run_id": run_id, "suite": case.suite, "case_key": case.key, "label": case.label,
+        "case": case.model_dump(mode="json"), "status": status, "reason": reason, "env": env,
+        "metrics": metrics or {},
+    }
+
+
+class ResultsPathError(OSError):
+    pass
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail before any case runs when the results file cannot be written."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise ResultsPathError(f"cannot write results file {path}: {e.strerror or e}") from e
+    return path
+
+
+def append(path: str | Path, record: dict) -> None:
+    """Append one record as one line, under an exclusive lock, flushed and fsync'd before returning."""
+    line = json.dumps(record, separators=(",", ":"), allow_nan=False, default=str) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@dataclass
+class Loaded:
+    records: list[dict] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # "file:line: what is wrong"
+
+
+def read(paths, *, strict_schema: bool = True) -> Loaded:
+    """Read JSONL results files; bad lines become problems (file and line named), good lines are kept."""
+    out = Loaded()
+    for p in [paths] if isinstance(paths, (str, Path)) else paths:
+        p = Path(p)
+        try:
+            text = p.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            out.problems.append(f"{p}: cannot read: {e.strerror or e}")
+            continue
+        if not text.strip():
+            out.problems.append(f"{p}: empty file, no records")
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                out.problems.append(f"{p}:{n}: not a JSON record ({e.msg}); line skipped")
+                continue
+            if not isinstance(rec, dict) or "case_key" not in rec or "status" not in rec:
+                out.problems.append(f"{p}:{n}: not a moebench record (no case_key/status); line skipped")
+                continue
+            if strict_schema and rec.get("schema") != SCHEMA:
+                out.problems.append(f"{p}:{n}: unknown schema version {rec.get('schema')!r} "
+                                    f"(this moebench reads {SCHEMA}); line skipped")
+                continue
+            rec["_source"] = f"{p}:{n}"
+            out.records.append(rec)
+    return out
+
+
+def done_keys(path: str | Path) -> tuple[set[str], list[str]]:
+    """case_keys already recorded in a results file (for --resume), and warnings for corrupt lines."""
+    if not Path(path).exists():
+        return set(), []
+    loaded = read(path)
+    return {r["case_key"] for r in loaded.records}, loaded.problems
+
+
+def to_frame(records: list[dict]):
+    """Flatten records into one pandas row per record (the columns report/compare use)."""
+    import pandas as pd
+
+    rows = []
+    for r in records:
+        c, m, w = r.get("case", {}), r.get("metrics", {}) or {}, r.get("case", {}).get("workload", {})
+        mod = c.get("model", {})
+        tps, ms, mem = m.get("tokens_per_s", {}) or {}, m.get("step_ms", {}) or {}, m.get("memory", {}) or {}
+        bal = (m.get("balance") or {}).get("global", {}) or {}
+        env = r.get("env", {}) or {}
+        rows.append({
+            "run_id": r.get("run_id"), "suite": r.get("suite"), "case_key": r.get("case_key"),
+            "label": r.get("label"), "status": r.get("status"), "reason": r.get("reason", ""),
+            "model": mod.get("name"), "backend": c.get("backend"),
+            "backend_options": json.dumps(c.get("backend_options", {}), sort_keys=True),
+            "level": w.get("level"), "mode": w.get("mode"), "dtype": w.get("dtype"), "routing": w.get("routing"),
+            "batch": w.get("batch"), "seq": w.get("seq"), "tokens": (w.get("batch") or 0) * (w.get("seq") or 0),
+            "d_model": mod.get("d_model"), "d_expert": mod.get("d_expert"), "n_experts": mod.get("n_experts"),
+            "top_k": mod.get("top_k"),
+            "tokens_per_s": tps.get("p50"), "tokens_per_s_p20": tps.get("p20"), "tokens_per_s_p80": tps.get("p80"),
+            "step_ms": ms.get("p50"), "step_ms_samples": ms.get("samples"),
+            "tflops": m.get("tflops"), "mfu_measured": m.get("mfu_measured"),
+            "peak_gib": mem.get("peak_allocated_gib", mem.get("peak_rss_gib")),
+            "maxvio": bal.get("maxvio"), "cv": bal.get("cv"),
+            "gpu": env.get("gpu") or env.get("cpu"), "device": env.get("device"),
+            "torch": env.get("torch"), "commit": env.get("git_commit"), "source": r.get("_source"),
+        })
+    return pd.DataFrame(rows)

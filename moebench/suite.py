@@ -1,0 +1,182 @@
+"""Suites are data: TOML files that expand into Cases (model spec x backend x workload).
+
+    description = "..."
+    memory_budget_gib = 24          # optional: caps the GPU process, over it is status `oom`
+    timeout_s = 600                 # per case
+    backends = ["naive", "shuffle", "grouped_mm"]   # default for every [[matrix]]
+
+    [[matrix]]                      # one or more; each expands as a product
+    models = [{ preset = "tiny" }, { preset = "tiny", n_layers = 1, name = "tiny-1l" }]
+    backends = ["naive", { name = "triton", recompute = 0 }]          # optional override
+    [[matrix.workloads]]            # one or more; list values expand as a product
+    level = "layer"
+    mode = ["train", "forward"]
+    batch = 4
+    seq = 64
+    routing = ["learned", "zipf:1.2"]
+
+Any problem is a SuiteError naming the file, the key path and what was expected.
+"""
+from __future__ import annotations
+
+import itertools
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from moebench import registry
+from moebench.spec import PRESETS, Case, ModelSpec, Workload, preset
+
+SUITES_DIR = Path(__file__).resolve().parent / "suites"
+
+
+class SuiteError(ValueError):
+    pass
+
+
+class Matrix(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: list[dict] = Field(min_length=1)
+    workloads: list[dict] = Field(min_length=1)
+    backends: list[str | dict] | None = None
+
+
+class SuiteFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    description: str = ""
+    memory_budget_gib: float | None = Field(None, gt=0)
+    timeout_s: float = Field(600, gt=0)
+    backends: list[str | dict] = ["naive", "shuffle", "grouped_mm"]
+    matrix: list[Matrix] = Field(min_length=1)
+
+
+def available_suites() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(SUITES_DIR.glob("*.toml"))}
+
+
+def resolve(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        if not p.exists():
+            raise SuiteError(f"suite file {p} does not exist")
+        return p
+    suites = available_suites()
+    if name_or_path not in suites:
+        raise registry.UnknownName("suite", name_or_path, suites)
+    return suites[name_or_path]
+
+
+def _loc(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _pydantic_msg(file: Path, prefix: str, e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(x for x in (prefix, _loc(err["loc"])) if x)
+    more = f" (and {len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""
+    got = f"; got {err['input']!r}" if "input" in err and not isinstance(err["input"], dict) else ""
+    return f"{file}: {where or '<top level>'}: {err['msg']}{got}{more}"
+
+
+def _product(d: dict) -> list[dict]:
+    keys = list(d)
+    vals = [v if isinstance(v, list) else [v] for v in d.values()]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*vals)]
+
+
+def _model(file: Path, where: str, entry: dict) -> ModelSpec:
+    entry = dict(entry)
+    name = entry.pop("preset", None)
+    try:
+        if name is not None:
+            if not isinstance(name, str) or name not in PRESETS:
+                raise registry.UnknownName("preset", str(name), PRESETS)
+            return preset(name, **entry)
+        return ModelSpec.model_validate(entry)
+    except registry.UnknownName as e:
+        raise SuiteError(f"{file}: {where}.preset: {e}") from None
+    except ValidationError as e:
+        raise SuiteError(_pydantic_msg(file, where, e)) from None
+    except TypeError as e:
+        raise SuiteError(f"{file}: {where}: {e}") from None
+
+
+def _backend(file: Path, where: str, entry: Any, only: set[str] | None) -> tuple[str, dict] | None:
+    if isinstance(entry, str):
+        name, opts = entry, {}
+    else:
+        opts = dict(entry)
+        name = opts.pop("name", None)
+        if not isinstance(name, str):
+            raise SuiteError(f"{file}: {where}.name: a backend table needs name = \"...\"")
+    valid = registry.all_backends()
+    if name not in valid:
+        raise SuiteError(f"{file}: {where}: {registry.UnknownName('backend', name, valid)}")
+    unknown = set(opts) - set(valid[name].options)
+    if unknown:
+        ok = ", ".join(valid[name].options) or "none"
+        raise SuiteError(f"{file}: {where}: backend '{name}' has no option(s) {', '.join(sorted(unknown))}; "
+                         f"its options: {ok}")
+    if only is not None and name not in only:
+        return None
+    return name, opts
+
+
+def load(name_or_path: str, *, device: str = "cpu", backends: list[str] | None = None) -> list[Case]:
+    """Load, validate and expand a suite. `backends` restricts the suite's backends (unknown: error)."""
+    file = resolve(name_or_path)
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise SuiteError(f"{file}: not valid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SuiteError(f"{file}: cannot read: {e}") from None
+    try:
+        sf = SuiteFile.model_validate(raw)
+    except ValidationError as e:
+        raise SuiteError(_pydantic_msg(file, "", e)) from None
+    only = None
+    if backends:
+        valid = registry.all_backends()
+        for b in backends:
+            if b not in valid:
+                raise registry.UnknownName("backend", b, valid)
+        only = set(backends)
+    cases, suite_name = [], file.stem
+    for mi, mx in enumerate(sf.matrix):
+        models = [_model(file, f"matrix[{mi}].models[{j}]", m) for j, m in enumerate(mx.models)]
+        bes = [b for j, e in enumerate(mx.backends if mx.backends is not None else sf.backends)
+               if (b := _backend(file, f"matrix[{mi}].backends[{j}]", e, only)) is not None]
+        for wi, wraw in enumerate(mx.workloads):
+            for wd in _product(wraw):
+                try:
+                    wl = Workload.model_validate(wd)
+                except ValidationError as e:
+                    raise SuiteError(_pydantic_msg(file, f"matrix[{mi}].workloads[{wi}]", e)) from None
+                for model in models:
+                    for name, opts in bes:
+                        try:
+                            cases.append(Case(model=model, backend=name, backend_options=opts, workload=wl,
+                                              suite=suite_name, device=device, timeout_s=sf.timeout_s,
+                                              memory_budget_gib=sf.memory_budget_gib))
+                        except ValidationError as e:
+                            raise SuiteError(_pydantic_msg(file, f"matrix[{mi}] ({model.name})", e)) from None
+    seen, unique = set(), []
+    for c in cases:
+        if c.key not in seen:
+            seen.add(c.key)
+            unique.append(c)
+    return unique
+
+
+def describe(name_or_path: str) -> str:
+    file = resolve(name_or_path)
+    try:
+        return tomllib.loads(file.read_text()).get("description", "")
+    except (tomllib.TOMLDecodeError, OSError):
+        return "(unreadable)"
