@@ -3,12 +3,14 @@
 A backend computes y_TD = forward(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, **options), autograd-capable.
 It owns no parameters and never times itself. Built-in backends live in implementations/; third-party
 packages add theirs through the `moebench.backends` entry-point group (the entry point names a module
-that calls `register(...)` on import, or a Backend object).
+that calls `register(...)` on import, or a Backend object). MOEBENCH_EXTRA_BACKENDS names more such modules
+(comma-separated); the test suite's fault-injection backends reach worker processes that way.
 """
 from __future__ import annotations
 
 import difflib
 import importlib
+import os
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Callable
@@ -44,6 +46,10 @@ class Backend:
     options: dict = field(default_factory=dict)   # option name -> default value (recorded in the case)
     available: Callable[[], str | None] = _always  # None, or why it cannot run here
     supports: Callable[..., str | None] | None = None  # (device, dtype, shape dict) -> None | reason
+    # capacity backends: (T, K, E, **options) -> C, the slots each expert keeps (first come, first served,
+    # moebench.routing.capacity_keep). Parity then checks the backend against naive on the kept slots, and
+    # the record carries the dropped fraction.
+    capacity: Callable[..., int] | None = None
 
     def why_not(self, device: str, dtype: str, shape: dict | None = None) -> str | None:
         """None when this backend can run the case here, else a one-line reason."""
@@ -84,6 +90,17 @@ def _load_all() -> None:
                 register(obj)
         except Exception as e:  # noqa: BLE001
             _LOAD_ERRORS[f"entry point {ep.name}"] = f"{type(e).__name__}: {e}"
+    for mod in _extra_modules():  # e.g. test-only backends, which must also exist in worker processes
+        try:
+            importlib.import_module(mod)
+        except Exception as e:  # noqa: BLE001
+            _LOAD_ERRORS[mod] = f"{type(e).__name__}: {e}"
+
+
+def _extra_modules() -> list[str]:
+    """MOEBENCH_EXTRA_BACKENDS="pkg.mod,other.mod": more modules that register backends on import. Workers
+    inherit the environment, so backends defined outside the package (tests/faultbackends.py) reach them."""
+    return [m.strip() for m in os.environ.get("MOEBENCH_EXTRA_BACKENDS", "").split(",") if m.strip()]
 
 
 def all_backends() -> dict[str, Backend]:
@@ -101,7 +118,7 @@ class UnknownName(KeyError):
 
     def __init__(self, kind: str, name: str, valid):
         valid = sorted(valid)
-        close = difflib.get_close_matches(name, valid, n=1)
+        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.4)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         self.message = f"unknown {kind} '{name}'.{hint} Valid {kind}s: {', '.join(valid)}"
         super().__init__(self.message)

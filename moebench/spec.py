@@ -33,7 +33,11 @@ class RouterSpec(_Strict):
     aux_alpha: float = Field(0.01, ge=0)    # Switch aux loss coefficient (balance = "aux")
     bias_rate: float = Field(1e-3, ge=0)    # loss-free bias update speed u (balance = "bias")
     z_loss: float = Field(0.0, ge=0)        # ST-MoE router z-loss coefficient
-    capacity_factor: float | None = Field(None, gt=0)  # None: dropless
+    capacity_factor: float | None = Field(None, gt=0)  # None: dropless; C = ceil(cf * T * K / E) per expert
+    kind: Literal["topk", "expert_choice"] = "topk"  # token choice | expert choice (each expert its top-C tokens)
+    null_expert: bool = False               # capacity overflow goes to a null expert (its gate share is lost)
+    aux_ramp_steps: int = Field(0, ge=0)    # aux coefficient ramps linearly over the first N optimizer steps
+    moe_warmup_steps: int = Field(0, ge=0)  # routed-expert output ramps linearly over the first N steps
 
 
 class ModelSpec(_Strict):
@@ -74,6 +78,11 @@ class ModelSpec(_Strict):
             raise ValueError(f"router.topk_group ({r.topk_group}) must be <= router.n_group ({r.n_group})")
         if r.n_group > 1 and self.top_k > r.topk_group * (self.n_experts // r.n_group):
             raise ValueError("top_k exceeds the experts available in router.topk_group groups")
+        if r.kind == "expert_choice" and (r.balance != "none" or r.n_group > 1 or r.null_expert):
+            raise ValueError("router.kind 'expert_choice' is balanced by construction: it takes balance = 'none', "
+                             "n_group = 1 and no null_expert")
+        if r.null_expert and r.capacity_factor is None:
+            raise ValueError("router.null_expert takes capacity overflow: set router.capacity_factor too")
         if self.first_dense_layers > self.n_layers:
             raise ValueError("first_dense_layers must be <= n_layers")
         return self
@@ -138,10 +147,30 @@ class ModelSpec(_Strict):
         return self.n_moe_layers * per_moe + self.first_dense_layers * per_dense + lm_head
 
 
+class TrainOptions(_Strict):
+    """A train-run workload's schedule (moebench/train.py). Fixed there: AdamW betas 0.9/0.95, weight decay 0.1,
+    gradient clipping at 1.0. Data: byte tokens of the Python stdlib's .py files (moebench/data.py)."""
+    steps: int = Field(200, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    lr_warmup_steps: int = Field(0, ge=0)        # linear warm-up, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    eval_every: int = Field(0, ge=0)             # validation loss every N steps (0: at the end only)
+    eval_batches: int = Field(4, ge=1)           # validation batches (batch x seq tokens each)
+    checkpoint_every: int = Field(0, ge=0)       # checkpoint every N steps; a rerun resumes from it (0: never)
+    data: Literal["pystdlib"] = "pystdlib"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.lr_warmup_steps > self.steps:
+            raise ValueError(f"lr_warmup_steps ({self.lr_warmup_steps}) must be <= steps ({self.steps})")
+        return self
+
+
 class Workload(_Strict):
-    """What is timed. level: the MoE layer alone or the whole model; mode: train (fwd+bwd, and the AdamW
-    step at model level) or forward; routing: learned | uniform | zipf:<s> | hot:<k>."""
-    level: Literal["layer", "model"] = "layer"
+    """What is timed. level: the MoE layer alone, the whole model, or train-run (a training run on real text:
+    loss and balance per step, options in `train`); mode: train (fwd+bwd, and the AdamW step at model level)
+    or forward; routing: learned | uniform | zipf:<s> | hot:<k>."""
+    level: Literal["layer", "model", "train-run"] = "layer"
     mode: Literal["train", "forward"] = "train"
     batch: int = Field(1, ge=1)
     seq: int = Field(ge=1)
@@ -150,6 +179,7 @@ class Workload(_Strict):
     warmup: int = Field(3, ge=0)
     repeats: int = Field(10, ge=1)
     seed: int = 0
+    train: TrainOptions | None = None            # level = "train-run" only (filled with defaults there)
 
     @field_validator("routing")
     @classmethod
@@ -157,6 +187,21 @@ class Workload(_Strict):
         if not ROUTING_RE.match(v):
             raise ValueError(f"routing must be learned, uniform, zipf:<s> or hot:<k>, got '{v}'")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _train_defaults(cls, data):
+        if isinstance(data, dict) and data.get("level") == "train-run" and data.get("train") is None:
+            data = {**data, "train": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _check_train(self):
+        if self.level != "train-run" and self.train is not None:
+            raise ValueError(f"train options apply to level = 'train-run' only, not '{self.level}'")
+        if self.level == "train-run" and (self.mode != "train" or self.routing != "learned"):
+            raise ValueError("level 'train-run' trains the router: it takes mode = 'train' and routing = 'learned'")
+        return self
 
     @property
     def tokens(self) -> int:
@@ -179,16 +224,23 @@ class Case(_Strict):
         w, m = self.workload, self.model
         if w.routing.startswith("hot:") and int(w.routing[4:]) > m.n_experts:
             raise ValueError(f"routing {w.routing}: more hot experts than n_experts ({m.n_experts})")
-        if w.level == "model" and w.seq > m.max_seq_len:
+        if w.level in ("model", "train-run") and w.seq > m.max_seq_len:
             raise ValueError(f"workload.seq ({w.seq}) exceeds model max_seq_len ({m.max_seq_len})")
+        if w.level == "train-run" and m.vocab_size < 256:
+            raise ValueError(f"level 'train-run' trains on byte tokens: model vocab_size ({m.vocab_size}) must be >= 256")
+        if m.router.kind == "expert_choice" and w.routing != "learned":
+            raise ValueError(f"router.kind 'expert_choice' picks tokens itself: routing must be 'learned', not '{w.routing}'")
         return self
 
     @property
     def key(self) -> str:
         """Stable hash of what is measured (spec + backend + options + workload); not the suite, device or
-        budget, so the same case run on two machines matches in `moebench compare`."""
-        blob = json.dumps({"model": self.model.model_dump(mode="json"), "backend": self.backend,
-                           "options": self.backend_options, "workload": self.workload.model_dump(mode="json")},
+        budget, so the same case run on two machines matches in `moebench compare`. (exclude_none: a workload's
+        unset train options stay out of the hash, so layer/model keys did not change when they were added.)"""
+        # exclude_defaults: a field added later with a default (= the old behaviour) keeps old keys valid
+        blob = json.dumps({"model": self.model.model_dump(mode="json", exclude_defaults=True),
+                           "backend": self.backend, "options": self.backend_options,
+                           "workload": self.workload.model_dump(mode="json", exclude_defaults=True)},
                           sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
