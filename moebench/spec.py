@@ -279,12 +279,25 @@ PRESETS: dict[str, ModelSpec] = {
     "optimal-moe-lm": ModelSpec(name="optimal-moe-lm", vocab_size=50257, d_model=512, n_layers=8, n_heads=8,
                                 n_kv_heads=2, n_experts=8, top_k=2, d_expert=1365, max_seq_len=512,
                                 router=RouterSpec(balance="bias", bias_rate=1e-3, z_loss=1e-3)),
-    # SparseMoE / Switch "Base" row: D=512, 8 experts, 8 heads, depth 12, V=50000, top-1 with capacity
-    # factor 1.0 and aux loss alpha 0.01; FFN hidden 4*D assumed (the README does not give it).
+    # SparseMoE / Switch (README + its code, github Anuj0x/SmartRoute switch_transformers/switch_transformer.py).
+    # Each expert there is ONE nn.Linear(D, D) with bias (no FFN, no activation); moebench experts are SwiGLU,
+    # so d_expert = D/3 gives the same weights and FLOPs per expert: 3*D*F = D*(D+1) exactly at D=512 (F=171),
+    # +0.1% at D=1024 (F=342). Its output head is a separate Linear (untied). Not modelled: its learned
+    # position embeddings, LayerNorm and biases (~0.6M at Base) and its non-causal attention. Top-1, gate =
+    # the softmax probability (no renormalisation), capacity drop in the router.
+    # "Base" row: the quick-start config, D=512, 8 experts, 8 heads, depth 12, V=50000, aux loss alpha 0.01,
+    # capacity factor 1.0.
     "switch-base": ModelSpec(name="switch-base", vocab_size=50000, d_model=512, n_layers=12, n_heads=8,
-                             n_experts=8, top_k=1, d_expert=2048, max_seq_len=2048,
+                             n_experts=8, top_k=1, d_expert=171, max_seq_len=2048, tie_embeddings=False,
                              router=RouterSpec(norm_topk=False, balance="aux", aux_alpha=0.01,
                                                capacity_factor=1.0)),
+    # "Large" row (16 experts): the README's advanced example, the only config with 16 experts: D=1024,
+    # 16 heads, depth 24, V=80000, capacity factor 1.5, biased (loss-free) gating. As written that call raises
+    # in its code (use_aux_loss defaults to True and both may not be set); its evident intent is taken.
+    # The README publishes no configuration for the "XL" row (32 experts), so there is no switch-xl preset.
+    "switch-large": ModelSpec(name="switch-large", vocab_size=80000, d_model=1024, n_layers=24, n_heads=16,
+                              n_experts=16, top_k=1, d_expert=342, max_seq_len=2048, tie_embeddings=False,
+                              router=RouterSpec(norm_topk=False, balance="bias", capacity_factor=1.5)),
     # MoE Transformer README example: hidden 2048, 16 layers, 32 heads, V=32000, 8 routed + 1 shared experts,
     # top-2, moe_intermediate_size 8192, n_group 2 / topk_group 2, bias balancing, aux coef 0.5.
     "moe-transformer": ModelSpec(name="moe-transformer", vocab_size=32000, d_model=2048, n_layers=16,
@@ -307,7 +320,7 @@ PRESETS: dict[str, ModelSpec] = {
 }
 
 
-def preset(name: str, **overrides) -> ModelSpec:
+def preset(name: str, /, **overrides) -> ModelSpec:  # positional-only: `name=` overrides the spec's name
     from moebench.registry import UnknownName
     if name not in PRESETS:
         raise UnknownName("preset", name, PRESETS)
