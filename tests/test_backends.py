@@ -1,7 +1,10 @@
 """Parity of every built-in dropless backend with `naive` (ScatterMoE-style brute-force reference):
 output and every gradient (x, p, w1, w2), fp32 vs a float64 reference and bf16 vs float32, over shapes that
-include E=1, K=E, an expert that receives no token, odd T, and F / D not multiples of 8."""
+include E=1, K=E, an expert that receives no token, odd T, and F / D not multiples of 8. Seeds are fixed (crc32
+of the case): at T=1 the bf16 error of the 2-element gate-weight gradient dp is ill-conditioned (up to ~4%
+over 200 random seeds, for naive itself), so a random draw would make the test flaky, not stricter."""
 import math
+import zlib
 
 import pytest
 import torch
@@ -49,7 +52,7 @@ def run(fn, leaves, idx, dy, dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-D{}-F{}-E{}-K{}{}".format(*s[:5], "-empty" * s[5]))
 @pytest.mark.parametrize("name", BACKENDS)
 def test_parity_with_naive(name, shape, dtype):
-    leaves, idx, dy = make_inputs(*shape, seed=hash((name, shape)) % 2**31)
+    leaves, idx, dy = make_inputs(*shape, seed=zlib.crc32(repr((name, shape)).encode()))
     if shape[5]:
         assert (idx == shape[3] - 1).sum() == 0
     ref_dtype, tol = TOL[dtype]
