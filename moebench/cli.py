@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark Mixture-of-Experts implementations on one shared model spec.")
@@ -14,8 +15,8 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 out = Console(width=None if sys.stdout.isatty() else 160)
 
 
-def _fail(msg: str, code: int = 2):
-    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+def _fail(msg: str, code: int = 2):  # the message echoes user input: "[/]" in it is text, not markup
+    err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -47,10 +48,12 @@ def run(
     suite = suite or ("l4" if dev == "cuda" else "ci")
     try:
         cases = load(suite, device=dev, backends=_csv(backends))
-    except (SuiteError, registry.UnknownName) as e:
+    except SuiteError as e:
         _fail(str(e))
+    except registry.UnknownName as e:  # from the command line, not the file: name the option
+        _fail(f"{'--backends' if str(e).startswith('unknown backend') else '--suite'}: {e}")
     if not cases:
-        _fail(f"suite '{suite}' expands to no cases with backends {backends}")
+        _fail(f"--backends: suite '{suite}' has no case for backend(s) {backends}")
     if list_cases:
         for c in cases:
             out.print(f"{c.key}  {c.label}", highlight=False)
@@ -70,10 +73,11 @@ def run(
         out.print(runner.summary_table(summary.records))
     done = len(summary.records)
     err.print(f"{done} case(s) recorded in {summary.out}"
-              + (f"; {summary.skipped_done} already done (--resume)" if summary.skipped_done else ""))
+              + (f"; {summary.skipped_done} already done (--resume)" if summary.skipped_done else ""),
+              markup=False)
     if summary.interrupted:
-        err.print(f"[yellow]interrupted[/]: finished records are safe in {summary.out}; "
-                  f"continue with: moebench run --suite {suite} --out {summary.out} --resume")
+        err.print("[yellow]interrupted[/]: " + escape(f"finished records are safe in {summary.out}; "
+                  f"continue with: moebench run --suite {suite} --out {summary.out} --resume"))
         raise typer.Exit(130)
     if not no_report and summary.records:
         try:

@@ -67,6 +67,8 @@ def run_case(case: Case, run_id: str, env: dict) -> dict:
     except NonFiniteLoss as e:
         return rec("failed", str(e), m | {"failed_step": e.step})
     except Exception as e:  # noqa: BLE001 - one failing case never stops the suite
+        if "DefaultCPUAllocator: can't allocate memory" in str(e):  # CPU out of memory: a RuntimeError
+            return rec("oom", _first_line(e), m | _memory(device))
         return rec("failed", f"{type(e).__name__}: {_first_line(e)}", m | {"traceback": traceback.format_exc()[-4000:]})
     finally:
         if device.type == "cuda":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,13 +44,28 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
+def _finite(x):
+    """NaN and inf are not JSON: they are stored as null (a NaN parity error or loss must not stop the suite)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def append(path: str | Path, record: dict) -> None:
-    """Append one record as one line, under an exclusive lock, flushed and fsync'd before returning."""
-    line = json.dumps(record, separators=(",", ":"), allow_nan=False, default=str) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
+    """Append one record as one line, under an exclusive lock, flushed and fsync'd before returning.
+    A last line cut short by a crash (no newline) is ended first, so this record stays a line of its own."""
+    line = json.dumps(_finite(record), separators=(",", ":"), allow_nan=False, default=str) + "\n"
+    with open(path, "a+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            f.write(line)
+            size = os.fstat(f.fileno()).st_size
+            if size and os.pread(f.fileno(), 1, size - 1) != b"\n":
+                line = "\n" + line
+            f.write(line.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
         finally:
@@ -97,7 +113,7 @@ def read(paths, *, strict_schema: bool = True) -> Loaded:
 
 def done_keys(path: str | Path) -> tuple[set[str], list[str]]:
     """case_keys already recorded in a results file (for --resume), and warnings for corrupt lines."""
-    if not Path(path).exists():
+    if not Path(path).exists() or Path(path).stat().st_size == 0:  # empty: interrupted before any record
         return set(), []
     loaded = read(path)
     return {r["case_key"] for r in loaded.records}, loaded.problems

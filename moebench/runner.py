@@ -2,6 +2,7 @@
 
 Each case runs in a worker process (its own session, so a timeout kills its whole tree). A worker that
 crashes, hangs or runs out of memory costs that case only: the runner records it and starts a new worker.
+Ctrl-C or SIGTERM ends the run after killing the worker's tree; every finished record is already on disk.
 Workers are reused across cases on CUDA (a fresh CUDA context + imports cost seconds per case) and
 replaced after every case on CPU (so each record's peak RSS belongs to its own case alone).
 """
@@ -12,9 +13,12 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rich.markup import escape
 
 from moebench import results
 from moebench.spec import Case
@@ -106,15 +110,16 @@ def run(cases: list[Case], out: str | Path, *, resume: bool = False, run_id: str
 
     console = console or Console(stderr=True)
     for w in summary.warnings:
-        console.print(f"[yellow]{w}[/]")
+        console.print(f"[yellow]{escape(w)}[/]")
     worker: _Worker | None = None
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=console, disable=not progress, transient=True)
+    prev_sigterm = _sigterm_interrupts()
     try:
         with bar:
             task = bar.add_task("starting", total=len(todo))
             for case in todo:
-                bar.update(task, description=case.label[:90])
+                bar.update(task, description=escape(case.label[:90]))
                 if worker is None or not worker.proc.is_alive():
                     worker = _Worker(log_path)
                 rec = _run_one(worker, case, run_id)
@@ -132,7 +137,22 @@ def run(cases: list[Case], out: str | Path, *, resume: bool = False, run_id: str
     finally:
         if worker is not None:
             worker.kill() if summary.interrupted else worker.close()
+        if prev_sigterm is not None:
+            signal.signal(signal.SIGTERM, prev_sigterm)
     return summary
+
+
+def _sigterm_interrupts():
+    """While a run lasts, SIGTERM (`timeout`, a batch scheduler, docker stop) ends it like Ctrl-C: the worker
+    lives in its own session and would otherwise outlive the runner, hung and holding its GPU memory."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    prev = signal.signal(signal.SIGTERM, interrupt)
+    return signal.SIG_DFL if prev is None else prev
 
 
 def _run_one(worker: _Worker, case: Case, run_id: str) -> dict:
@@ -171,7 +191,7 @@ def _line(rec: dict) -> str:
         mem = m.get("memory", {})
         gib = mem.get("peak_allocated_gib", mem.get("peak_rss_gib"))
         detail = f"{tps:,.0f} tok/s  spread {m['spread']:.1%}  peak {gib:.2f} GiB"
-    return f"[{STYLE[st]}]{st:>8}[/] {rec['label']}  [dim]{detail}[/]"
+    return f"[{STYLE[st]}]{st:>8}[/] {escape(rec['label'])}  [dim]{escape(detail)}[/]"  # "[/]" in a reason is text
 
 
 def summary_table(records: list[dict]):
@@ -193,7 +213,8 @@ def summary_table(records: list[dict]):
                    f"{gib:.2f}", f"{bal.get('maxvio', float('nan')):.3f}")
         else:
             row = ("", "", "", "", "")
-        t.add_row(c["model"]["name"], c["backend"] + opts, wl, f"[{STYLE[r['status']]}]{r['status']}[/]", *row)
+        t.add_row(escape(c["model"]["name"]), escape(c["backend"] + opts), escape(wl),
+                  f"[{STYLE[r['status']]}]{r['status']}[/]", *row)
     return t
 
 

@@ -40,15 +40,15 @@ class Matrix(BaseModel):
     model_config = ConfigDict(extra="forbid")
     models: list[dict] = Field(min_length=1)
     workloads: list[dict] = Field(min_length=1)
-    backends: list[str | dict] | None = None
+    backends: list[str | dict] | None = Field(None, min_length=1)
 
 
 class SuiteFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     description: str = ""
-    memory_budget_gib: float | None = Field(None, gt=0)
-    timeout_s: float = Field(600, gt=0)
-    backends: list[str | dict] = ["naive", "shuffle", "grouped_mm"]
+    memory_budget_gib: float | None = Field(None, gt=0, allow_inf_nan=False)
+    timeout_s: float = Field(600, gt=0, le=7 * 86400)  # a week at most (and finite: the runner polls with it)
+    backends: list[str | dict] = Field(["naive", "shuffle", "grouped_mm"], min_length=1)
     matrix: list[Matrix] = Field(min_length=1)
 
 
@@ -71,6 +71,8 @@ def resolve(name_or_path: str) -> Path:
 def _loc(loc) -> str:
     out = ""
     for part in loc:
+        if isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part):
+            continue  # pydantic's name for a branch of a union type, not a key of the file
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
@@ -92,6 +94,9 @@ def _product(d: dict) -> list[dict]:
 def _model(file: Path, where: str, entry: dict) -> ModelSpec:
     entry = dict(entry)
     name = entry.pop("preset", None)
+    if "router" in entry and not isinstance(entry["router"], dict):
+        raise SuiteError(f"{file}: {where}.router: must be a table such as {{ balance = \"aux\" }}; "
+                         f"got {entry['router']!r}")
     try:
         if name is not None:
             if not isinstance(name, str) or name not in PRESETS:
@@ -122,6 +127,12 @@ def _backend(file: Path, where: str, entry: Any, only: set[str] | None) -> tuple
         ok = ", ".join(valid[name].options) or "none"
         raise SuiteError(f"{file}: {where}: backend '{name}' has no option(s) {', '.join(sorted(unknown))}; "
                          f"its options: {ok}")
+    for k, v in opts.items():
+        default = valid[name].options[k]
+        kinds = (int, float) if type(default) is float else type(default)
+        if default is not None and (not isinstance(v, kinds) or isinstance(v, bool) != isinstance(default, bool)):
+            raise SuiteError(f"{file}: {where}.{k}: backend '{name}' option {k} takes a {type(default).__name__} "
+                             f"(default {default!r}); got {v!r}")
     if only is not None and name not in only:
         return None
     return name, opts
@@ -153,6 +164,10 @@ def load(name_or_path: str, *, device: str = "cpu", backends: list[str] | None =
         bes = [b for j, e in enumerate(mx.backends if mx.backends is not None else sf.backends)
                if (b := _backend(file, f"matrix[{mi}].backends[{j}]", e, only)) is not None]
         for wi, wraw in enumerate(mx.workloads):
+            for k, v in wraw.items():
+                if v == []:
+                    raise SuiteError(f"{file}: matrix[{mi}].workloads[{wi}].{k}: an empty list expands to no "
+                                     "workloads; give one value or a list of values")
             for wd in _product(wraw):
                 try:
                     wl = Workload.model_validate(wd)
