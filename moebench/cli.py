@@ -90,6 +90,43 @@ def run(
             err.print(f"report: {rdir / 'index.html'}")
 
 
+@app.command()
+def report(
+    paths: list[Path] = typer.Argument(..., help="results JSONL file(s)"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="report directory (default reports/<first file's stem>)"),
+):
+    """Render report.md, a self-contained index.html and PNG plots from results files."""
+    from rich.markup import escape
+
+    from moebench import report as rep
+    from moebench import results
+
+    loaded = results.read(paths)
+    for problem in loaded.problems:
+        err.print("[yellow]warning:[/] " + escape(problem), highlight=False, soft_wrap=True)
+    if not loaded.records:
+        _fail("no usable records in " + ", ".join(map(str, paths)))
+    out_dir = out_dir or Path("reports") / paths[0].stem
+    r = rep.write(loaded, out_dir, [str(p) for p in paths])
+    err.print(f"{sum(r.counts.values())} record(s), {len(r.plots)} plot(s): {out_dir / 'index.html'}, "
+              f"{out_dir / 'report.md'}", markup=False)
+
+
+@app.command()
+def compare(
+    base: Path = typer.Argument(..., help="results JSONL: the base run (or the only run, with --baseline)"),
+    new: Optional[Path] = typer.Argument(None, help="results JSONL: the new run, matched to the base by case_key"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="compare every backend in BASE against this one"),
+    threshold: float = typer.Option(0.05, "--threshold", help="relative change that can count (0.05 = 5%)"),
+    alpha: float = typer.Option(0.01, "--alpha", help="Mann-Whitney U p-value below which step times differ"),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | md | csv | json"),
+):
+    """Compare two runs (or backends against one): exit 0 no regression, 1 regression, 2 bad input."""
+    from moebench import compare as cmp
+
+    raise typer.Exit(cmp.cli(base, new, baseline, threshold, alpha, fmt, out, err))
+
+
 @app.command("list")
 def list_(what: str = typer.Argument("all", help="backends | suites | presets | all")):
     """List backends (available here? why not), suites and presets."""
