@@ -6,21 +6,30 @@ order_S[r] (= t*K + k) and belongs to expert e with starts_E[e] <= r < ends_E[e]
 Row-tiled kernels run over a block schedule: program tile m covers rows tile_r0[m] .. +BM of expert
 tile_e[m] (-1 marks a spare tile of the fixed-size grid, which exits at once).
 
-Kernels (all accumulate in fp32; PREC is tl.dot's input_precision, "ieee" for fp32 inputs):
+Kernels (all accumulate in fp32; PREC is tl.dot's input_precision, "ieee" for fp32 inputs;
+UPCAST is set under the interpreter only, see _dot):
   gate_up   a_SF = silu(x[tok] @ Wg) * (x[tok] @ Wu)          gather fused into the A load; SwiGLU epilogue
-  rows_gemm out[order] = (A_rows @ B_e) * p[order]             down projection (A = a_SF, B = W2) or
-                                                               dX (A = dH_SF2, B = W1^T), stored in slot order
-  bwd_act   dA' = dy[tok] @ W2^T (+ recompute g,u = x[tok] @ W1 in the same D loop);
+  rows_gemm out = A_rows @ B_e, optionally A rows gathered (x/dy[tok]), times p, stored in slot order:
+            down (a_SF @ W2 * p, slot order), dX (dH_SF2 @ W1^T, slot order), dA' (dy[tok] @ W2^T, sorted rows)
+  swiglu_bwd elementwise SwiGLU backward from saved h and dA' (recompute=100 path)
+  schedule  the block schedule (tile -> expert, first row) on the device
+  bwd_act   fused dA' = dy[tok] @ W2^T and recomputed g,u = x[tok] @ W1 in the same D loop (recompute=0);
             epilogue: dp partial sums, dH_SF2 = [dg | du], ap_SF = p * a
   wgrad     out_e = A_e^T @ B_e over expert e's rows (dW1: A = x[tok], B = dH; dW2: A = ap, B = dy[tok])
 Columns of the non-reduced dims are clamped in range (cols % N) when N is not a multiple of the block
 (EVEN_N false) and masked at the store; the reduced dim is masked when it is not a multiple of BK.
 """
+import os
+
 import triton
 import triton.language as tl
 
+# Small helpers are plain Python under the interpreter (it re-patches triton.language on every call of a
+# jit'd helper, which made the CPU tests 3x slower) and jit'd device functions otherwise.
+_helper = (lambda fn: fn) if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else triton.jit
 
-@triton.jit
+
+@_helper
 def _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     width = GROUP_M * num_pid_n
     first_m = (pid // width) * GROUP_M
@@ -30,7 +39,18 @@ def _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+@_helper
+def _dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: the interpreter's dot multiplies 16-bit floats as raw integers, so under the interpreter 16-bit
+    # operands go through an fp32 dot (the same products: bf16 x bf16 is exact in fp32)
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PREC)
+    return out
+
+
+@_helper
 def _cols(pid_n, N, BN: tl.constexpr, EVEN_N: tl.constexpr):
     cols = pid_n * BN + tl.arange(0, BN)
     if EVEN_N:
@@ -43,8 +63,8 @@ def _cols(pid_n, N, BN: tl.constexpr, EVEN_N: tl.constexpr):
 @triton.jit
 def gate_up_kernel(x_ptr, w1_ptr, tok_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, a_ptr, h_ptr,
                    D, F, n_tiles_m, stride_x, stride_w1e, stride_w1d, stride_a, stride_h,
-                   SAVE_H: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                   SAVE_H: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                   PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _grouped_pid(tl.program_id(0), n_tiles_m, tl.cdiv(F, BN), GROUP_M)
     e = tl.load(tile_e_ptr + pid_m)
     if e < 0:
@@ -56,24 +76,22 @@ def gate_up_kernel(x_ptr, w1_ptr, tok_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, a_
     ks = tl.arange(0, BK)
     x_ptrs = x_ptr + tok[:, None] * stride_x + ks[None, :]
     wg_ptrs = w1_ptr + e.to(tl.int64) * stride_w1e + ks[:, None] * stride_w1d + cols_ld[None, :]
-    wu_ptrs = wg_ptrs + F
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, D, BK):
         if EVEN_K:
             xt = tl.load(x_ptrs)
             wg = tl.load(wg_ptrs)
-            wu = tl.load(wu_ptrs)
+            wu = tl.load(wg_ptrs + F)
         else:
             k_ok = ks < D - k0
             xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
             wg = tl.load(wg_ptrs, mask=k_ok[:, None], other=0.0)
-            wu = tl.load(wu_ptrs, mask=k_ok[:, None], other=0.0)
-        acc_g = tl.dot(xt, wg, acc_g, input_precision=PREC)
-        acc_u = tl.dot(xt, wu, acc_u, input_precision=PREC)
+            wu = tl.load(wg_ptrs + F, mask=k_ok[:, None], other=0.0)
+        acc_g = _dot(xt, wg, acc_g, PREC, UPCAST)
+        acc_u = _dot(xt, wu, acc_u, PREC, UPCAST)
         x_ptrs += BK
         wg_ptrs += BK * stride_w1d
-        wu_ptrs += BK * stride_w1d
     act = acc_g * tl.sigmoid(acc_g) * acc_u
     rows64 = rows.to(tl.int64)
     out_ok = row_ok[:, None] & (cols < F)[None, :]
@@ -85,9 +103,10 @@ def gate_up_kernel(x_ptr, w1_ptr, tok_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, a_
 
 
 @triton.jit
-def rows_gemm_kernel(a_ptr, b_ptr, order_ptr, p_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, out_ptr,
+def rows_gemm_kernel(a_ptr, b_ptr, tok_ptr, order_ptr, p_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, out_ptr,
                      N, Kdim, n_tiles_m, stride_a, stride_be, stride_bk, stride_bn, stride_out,
-                     SCALE_P: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+                     GATHER_A: tl.constexpr, SCATTER: tl.constexpr, SCALE_P: tl.constexpr,
+                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _grouped_pid(tl.program_id(0), n_tiles_m, tl.cdiv(N, BN), GROUP_M)
     e = tl.load(tile_e_ptr + pid_m)
@@ -96,7 +115,10 @@ def rows_gemm_kernel(a_ptr, b_ptr, order_ptr, p_ptr, tile_e_ptr, tile_r0_ptr, en
     end = tl.load(ends_ptr + e)
     rows = tl.load(tile_r0_ptr + pid_m) + tl.arange(0, BM)
     row_ok = rows < end
-    rows_ld = tl.minimum(rows, end - 1).to(tl.int64)
+    if GATHER_A:  # A rows are tokens: a = x or dy, row r reads token tok_S[r]
+        rows_ld = tl.load(tok_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        rows_ld = tl.minimum(rows, end - 1).to(tl.int64)
     cols, cols_ld = _cols(pid_n, N, BN, EVEN_N)
     ks = tl.arange(0, BK)
     a_ptrs = a_ptr + rows_ld[:, None] * stride_a + ks[None, :]
@@ -110,23 +132,79 @@ def rows_gemm_kernel(a_ptr, b_ptr, order_ptr, p_ptr, tile_e_ptr, tile_r0_ptr, en
             k_ok = ks < Kdim - k0
             at = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             bt = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(at, bt, acc, input_precision=PREC)
+        acc = _dot(at, bt, acc, PREC, UPCAST)
         a_ptrs += BK
         b_ptrs += BK * stride_bk
-    slot = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    if SCATTER or SCALE_P:
+        slot = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     if SCALE_P:
         acc = acc * tl.load(p_ptr + slot, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    if SCATTER:  # output in slot order (t*K + k), ready for the per-token sum over k
+        out_rows = slot
+    else:
+        out_rows = rows.to(tl.int64)
     out_ok = row_ok[:, None] & (cols < N)[None, :]
-    tl.store(out_ptr + slot[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+    tl.store(out_ptr + out_rows[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=out_ok)
 
 
 @triton.jit
-def bwd_act_kernel(dy_ptr, x_ptr, w1_ptr, w2_ptr, h_ptr, tok_ptr, order_ptr, p_ptr,
+def swiglu_bwd_kernel(h_ptr, da_ptr, order_ptr, p_ptr, dh_ptr, ap_ptr, dp_ptr,
+                      S, F, stride_h, stride_da, stride_dh, stride_ap, BR: tl.constexpr, BF: tl.constexpr):
+    """From h = [g | u] and dA' = dy[tok] @ W2^T (sorted rows): dH = [dg | du] with dA = p * dA',
+    ap = p * silu(g) * u, and dp[slot] = sum_f silu(g) u dA' (a whole row per program: no partial sums)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    row_ok = rows < S
+    slot = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    p = tl.load(p_ptr + slot, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    rows64 = rows.to(tl.int64)[:, None]
+    dp = tl.zeros((BR,), dtype=tl.float32)
+    for f0 in range(0, F, BF):
+        cols = f0 + tl.arange(0, BF)
+        ok = row_ok[:, None] & (cols < F)[None, :]
+        h_ptrs = h_ptr + rows64 * stride_h + cols[None, :]
+        g = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(h_ptrs + F, mask=ok, other=0.0).to(tl.float32)
+        da = tl.load(da_ptr + rows64 * stride_da + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        act = silu * u
+        dp += tl.sum(act * da, axis=1)
+        dap = da * p
+        dh_ptrs = dh_ptr + rows64 * stride_dh + cols[None, :]
+        tl.store(dh_ptrs, (dap * u * sig * (1.0 + g * (1.0 - sig))).to(dh_ptr.dtype.element_ty), mask=ok)
+        tl.store(dh_ptrs + F, (dap * silu).to(dh_ptr.dtype.element_ty), mask=ok)
+        tl.store(ap_ptr + rows64 * stride_ap + cols[None, :], (act * p).to(ap_ptr.dtype.element_ty), mask=ok)
+    tl.store(dp_ptr + slot, dp, mask=row_ok)
+
+
+@triton.jit
+def schedule_kernel(starts_ptr, ends_ptr, tile_e_ptr, tile_r0_ptr, E, n_tiles,
+                    BM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Block schedule: tile t -> (expert, first row) for ceil(count_e / BM) tiles per expert; -1 = spare."""
+    es = tl.arange(0, BLOCK_E)
+    e_ok = es < E
+    start = tl.load(starts_ptr + es, mask=e_ok, other=0)
+    tiles = (tl.load(ends_ptr + es, mask=e_ok, other=0) - start + BM - 1) // BM
+    tile_end = tl.cumsum(tiles, 0)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e_of_t = tl.sum(((tile_end[None, :] <= t[:, None]) & e_ok[None, :]).to(tl.int32), axis=1)
+    mine = (es[None, :] == e_of_t[:, None])
+    r0 = tl.sum(tl.where(mine, start[None, :] + (t[:, None] - (tile_end - tiles)[None, :]) * BM, 0), axis=1)
+    t_ok = t < n_tiles
+    tl.store(tile_e_ptr + t, tl.where(e_of_t < E, e_of_t, -1), mask=t_ok)
+    tl.store(tile_r0_ptr + t, r0, mask=t_ok)
+
+
+@triton.jit
+def bwd_act_kernel(dy_ptr, x_ptr, w1_ptr, w2_ptr, tok_ptr, order_ptr, p_ptr,
                    tile_e_ptr, tile_r0_ptr, ends_ptr, dh_ptr, ap_ptr, dp_ptr,
                    D, F, n_tiles_m, stride_dy, stride_x, stride_w1e, stride_w1d, stride_w2e, stride_w2f,
-                   stride_h, stride_dh, stride_ap, stride_dp,
-                   RECOMPUTE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+                   stride_dh, stride_ap, stride_dp,
+                   EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """recompute=0: dA' = dy[tok] @ W2^T and g, u = x[tok] @ [Wg | Wu] in one D loop (three accumulators in
+    the same layout), then the SwiGLU backward in the epilogue; dp as per-column-block partial sums."""
     pid_m, pid_n = _grouped_pid(tl.program_id(0), n_tiles_m, tl.cdiv(F, BN), GROUP_M)
     e = tl.load(tile_e_ptr + pid_m)
     if e < 0:
@@ -143,40 +221,29 @@ def bwd_act_kernel(dy_ptr, x_ptr, w1_ptr, w2_ptr, h_ptr, tok_ptr, order_ptr, p_p
     x_ptrs = x_ptr + tok[:, None] * stride_x + ks[None, :]
     wg_ptrs = w1_ptr + e64 * stride_w1e + ks[:, None] * stride_w1d + cols_ld[None, :]
     acc_da = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    g = tl.zeros((BM, BN), dtype=tl.float32)
+    u = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, D, BK):
         if EVEN_K:
             dyt = tl.load(dy_ptrs)
             w2t = tl.load(w2t_ptrs)
+            xt = tl.load(x_ptrs)
+            wg = tl.load(wg_ptrs)
+            wu = tl.load(wg_ptrs + F)
         else:
             k_ok = ks < D - k0
             dyt = tl.load(dy_ptrs, mask=k_ok[None, :], other=0.0)
             w2t = tl.load(w2t_ptrs, mask=k_ok[:, None], other=0.0)
-        acc_da = tl.dot(dyt, w2t, acc_da, input_precision=PREC)
+            xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=k_ok[:, None], other=0.0)
+            wu = tl.load(wg_ptrs + F, mask=k_ok[:, None], other=0.0)
+        acc_da = _dot(dyt, w2t, acc_da, PREC, UPCAST)
+        g = _dot(xt, wg, g, PREC, UPCAST)
+        u = _dot(xt, wu, u, PREC, UPCAST)
         dy_ptrs += BK
         w2t_ptrs += BK
-        if RECOMPUTE:
-            if EVEN_K:
-                xt = tl.load(x_ptrs)
-                wg = tl.load(wg_ptrs)
-                wu = tl.load(wg_ptrs + F)
-            else:
-                xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-                wg = tl.load(wg_ptrs, mask=k_ok[:, None], other=0.0)
-                wu = tl.load(wg_ptrs + F, mask=k_ok[:, None], other=0.0)
-            acc_g = tl.dot(xt, wg, acc_g, input_precision=PREC)
-            acc_u = tl.dot(xt, wu, acc_u, input_precision=PREC)
-            x_ptrs += BK
-            wg_ptrs += BK * stride_w1d
-    rows64 = rows.to(tl.int64)
-    if RECOMPUTE:
-        g = acc_g
-        u = acc_u
-    else:
-        h_ptrs = h_ptr + tl.minimum(rows, end - 1).to(tl.int64)[:, None] * stride_h + cols_ld[None, :]
-        g = tl.load(h_ptrs).to(tl.float32)
-        u = tl.load(h_ptrs + F).to(tl.float32)
+        x_ptrs += BK
+        wg_ptrs += BK * stride_w1d
     sig = tl.sigmoid(g)
     silu = g * sig
     act = silu * u
@@ -186,22 +253,23 @@ def bwd_act_kernel(dy_ptr, x_ptr, w1_ptr, w2_ptr, h_ptr, tok_ptr, order_ptr, p_p
     dp_part = tl.sum(tl.where(col_ok[None, :], act * acc_da, 0.0), axis=1)
     tl.store(dp_ptr + slot * stride_dp + pid_n, dp_part, mask=row_ok)
     dap = acc_da * p[:, None]
-    du = dap * silu
-    dg = dap * u * sig * (1.0 + g * (1.0 - sig))
     out_ok = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
     dh_ptrs = dh_ptr + rows64[:, None] * stride_dh + cols[None, :]
-    tl.store(dh_ptrs, dg.to(dh_ptr.dtype.element_ty), mask=out_ok)
-    tl.store(dh_ptrs + F, du.to(dh_ptr.dtype.element_ty), mask=out_ok)
-    ap = act * p[:, None]
-    tl.store(ap_ptr + rows64[:, None] * stride_ap + cols[None, :], ap.to(ap_ptr.dtype.element_ty), mask=out_ok)
+    tl.store(dh_ptrs, (dap * u * sig * (1.0 + g * (1.0 - sig))).to(dh_ptr.dtype.element_ty), mask=out_ok)
+    tl.store(dh_ptrs + F, (dap * silu).to(dh_ptr.dtype.element_ty), mask=out_ok)
+    tl.store(ap_ptr + rows64[:, None] * stride_ap + cols[None, :], (act * p[:, None]).to(ap_ptr.dtype.element_ty),
+             mask=out_ok)
 
 
 @triton.jit
 def wgrad_kernel(a_ptr, b_ptr, tok_ptr, starts_ptr, ends_ptr, out_ptr,
-                 M, N, stride_a, stride_b, stride_oe, stride_om,
+                 M, N, stride_ar, stride_am, stride_br, stride_bn, stride_oe, stride_om, stride_on,
                  GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-                 PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  GROUP_M: tl.constexpr):
+    """out_e[m, n] = sum over expert e's sorted rows r of A[r, m] * B[r, n]; A[r, m] sits at
+    r * stride_ar + m * stride_am (row r -> token tok_S[r] when GATHER_A), B likewise."""
     tiles_m = tl.cdiv(M, BM)
     tiles_n = tl.cdiv(N, BN)
     pid = tl.program_id(0)
@@ -211,11 +279,13 @@ def wgrad_kernel(a_ptr, b_ptr, tok_ptr, starts_ptr, ends_ptr, out_ptr,
     end = tl.load(ends_ptr + e)
     ms, ms_ld = _cols(pid_m, M, BM, EVEN_M)
     ns, ns_ld = _cols(pid_n, N, BN, EVEN_N)
+    a_cols = a_ptr + ms_ld.to(tl.int64)[:, None] * stride_am
+    b_cols = b_ptr + ns_ld.to(tl.int64)[None, :] * stride_bn
     ks = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     r = start + ks
     n_full = (end - start) // BK
-    for _ in range(0, n_full):
+    for _ in range(n_full):
         if GATHER_A:
             ra = tl.load(tok_ptr + r).to(tl.int64)
         else:
@@ -224,9 +294,9 @@ def wgrad_kernel(a_ptr, b_ptr, tok_ptr, starts_ptr, ends_ptr, out_ptr,
             rb = tl.load(tok_ptr + r).to(tl.int64)
         else:
             rb = r.to(tl.int64)
-        at = tl.load(a_ptr + ra[None, :] * stride_a + ms_ld[:, None])   # (BM, BK) = A_rows^T
-        bt = tl.load(b_ptr + rb[:, None] * stride_b + ns_ld[None, :])   # (BK, BN)
-        acc = tl.dot(at, bt, acc, input_precision=PREC)
+        at = tl.load(a_cols + ra[None, :] * stride_ar)   # (BM, BK) = A_rows^T
+        bt = tl.load(b_cols + rb[:, None] * stride_br)   # (BK, BN)
+        acc = _dot(at, bt, acc, PREC, UPCAST)
         r += BK
     if start + n_full * BK < end:
         r_ok = r < end
@@ -239,9 +309,10 @@ def wgrad_kernel(a_ptr, b_ptr, tok_ptr, starts_ptr, ends_ptr, out_ptr,
             rb = tl.load(tok_ptr + r_ld).to(tl.int64)
         else:
             rb = r_ld.to(tl.int64)
-        at = tl.load(a_ptr + ra[None, :] * stride_a + ms_ld[:, None], mask=r_ok[None, :], other=0.0)
-        bt = tl.load(b_ptr + rb[:, None] * stride_b + ns_ld[None, :], mask=r_ok[:, None], other=0.0)
-        acc = tl.dot(at, bt, acc, input_precision=PREC)
+        at = tl.load(a_cols + ra[None, :] * stride_ar, mask=r_ok[None, :], other=0.0)
+        bt = tl.load(b_cols + rb[:, None] * stride_br, mask=r_ok[:, None], other=0.0)
+        acc = _dot(at, bt, acc, PREC, UPCAST)
     out_ok = (ms < M)[:, None] & (ns < N)[None, :]
-    out_ptrs = out_ptr + e.to(tl.int64) * stride_oe + ms[:, None].to(tl.int64) * stride_om + ns[None, :]
+    out_ptrs = (out_ptr + e.to(tl.int64) * stride_oe + ms.to(tl.int64)[:, None] * stride_om
+                + ns.to(tl.int64)[None, :] * stride_on)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)

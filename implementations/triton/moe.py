@@ -1,0 +1,258 @@
+"""Host side of the Triton expert block: routing metadata, launchers, the autograd Function.
+
+Legend: T tokens, D model dim, F expert hidden, E experts, K top-k, S = T*K slots (slot s = t*K + k).
+Forward:  sort slots by expert (device, no host sync) -> gate_up (gather x rows, SwiGLU epilogue) -> a_SF
+          -> rows_gemm (a @ W2, times p, stored in slot order) -> o_SD -> y_TD = o.view(T, K, D).sum(1).
+Backward: recompute=100: rows_gemm dA' = dy[tok] @ W2^T, swiglu_bwd(h, dA') -> dH_SF2, ap_SF = p*a, dp;
+          recompute=0: bwd_act (dA' and recomputed g,u = x[tok] @ W1 in one D loop, SwiGLU grad epilogue)
+          -> wgrad dW2 = ap^T dy[tok] -> rows_gemm dX_s = dH @ W1^T in slot order, summed over K
+          -> wgrad dW1 = x[tok]^T dH.
+recompute=100 keeps h_SF2 = [x W_g | x W_u] from the forward; recompute=0 keeps only the inputs and
+recomputes g,u inside bwd_act's D loop (2*S*D*2F more GEMM flops; no S x 2F tensor kept or made).
+"""
+from __future__ import annotations
+
+import torch
+
+from implementations.triton import tuning
+
+
+def kernels(interpret: bool):
+    """The kernels module. On CPU the kernels only run under Triton's interpreter, which must be switched on
+    (TRITON_INTERPRET=1) before triton itself is imported: its standard library is decorated at import."""
+    from implementations.triton import kernels as mod
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+        if not isinstance(mod.gate_up_kernel, InterpretedFunction):
+            raise RuntimeError("triton backend on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    return mod
+
+
+POISON = False  # tests: fill every new buffer with NaN, so an element a kernel fails to write shows up
+
+
+def _empty(like: torch.Tensor, *shape) -> torch.Tensor:
+    out = like.new_empty(shape)
+    return out.fill_(float("nan")) if POISON else out
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Routing:
+    """Expert-sorted slot metadata, all on the device, built without a host sync."""
+
+    def __init__(self, idx_TK: torch.Tensor, E: int, kn):
+        self.T, self.K = idx_TK.shape
+        self.E, self.S, self.kn = E, self.T * self.K, kn
+        sorted_S, order_S = torch.sort(idx_TK.reshape(-1), stable=True)
+        experts_E = torch.arange(E, device=idx_TK.device, dtype=sorted_S.dtype)
+        self.starts_E = torch.searchsorted(sorted_S, experts_E, out_int32=True)
+        self.ends_E = torch.searchsorted(sorted_S, experts_E, right=True, out_int32=True)
+        self.order_S = order_S.to(torch.int32)                                  # sorted row -> slot
+        self.tok_S = torch.div(self.order_S, self.K, rounding_mode="floor")   # sorted row -> token
+        self._sched: dict[int, tuple] = {}
+
+    def schedule(self, BM: int):
+        """(tile_e, tile_r0, n_tiles): row tiles of BM rows per expert, padded to a fixed count (-1 = spare)."""
+        if BM not in self._sched:
+            n = _cdiv(self.S, BM) + self.E
+            tile_e = torch.empty(n, device=self.order_S.device, dtype=torch.int32)
+            tile_r0 = torch.empty_like(tile_e)
+            BLOCK_T = 64
+            self.kn.schedule_kernel[(_cdiv(n, BLOCK_T),)](
+                self.starts_E, self.ends_E, tile_e, tile_r0, self.E, n,
+                BM=BM, BLOCK_E=max(16, 1 << (self.E - 1).bit_length()), BLOCK_T=BLOCK_T)
+            self._sched[BM] = (tile_e, tile_r0, n)
+        return self._sched[BM]
+
+
+def _prec(dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
+
+
+def _opts(cfg):
+    return {"BM": cfg.BM, "BN": cfg.BN, "BK": cfg.BK, "GROUP_M": cfg.GROUP_M, "num_warps": cfg.num_warps,
+                "num_stages": cfg.num_stages}
+
+
+class Launcher:
+    """One expert-block problem (shapes, dtype, routing, kernels) and a launcher per kernel."""
+
+    def __init__(self, x_TD, w1_EDF2, R: Routing):
+        self.interpret = not x_TD.is_cuda
+        self.kn = R.kn
+        self.R = R
+        self.E, self.D, F2 = w1_EDF2.shape
+        self.F = F2 // 2
+        self.dtype = x_TD.dtype
+        self.prec = _prec(x_TD.dtype)
+        self.upcast = self.interpret and x_TD.dtype != torch.float32
+        self.key = (self.D, self.F, self.E, R.K, tuning.token_bucket(R.T), str(x_TD.dtype).split(".")[-1])
+
+    def _run(self, kind, variant, launch):
+        cfg = tuning.pick(kind, self.key + variant, launch, self.interpret, self.dtype == torch.float32)
+        launch(cfg)
+        return cfg
+
+    def gate_up(self, x_TD, w1_EDF2, save_h: bool):
+        R, D, F = self.R, self.D, self.F
+        a_SF = _empty(x_TD, R.S, F)
+        h_SF2 = _empty(x_TD, R.S, 2 * F) if save_h else a_SF
+
+        def launch(cfg):
+            tile_e, tile_r0, n = R.schedule(cfg.BM)
+            self.kn.gate_up_kernel[(n * _cdiv(F, cfg.BN),)](
+                x_TD, w1_EDF2, R.tok_S, tile_e, tile_r0, R.ends_E, a_SF, h_SF2,
+                D, F, n, x_TD.stride(0), w1_EDF2.stride(0), w1_EDF2.stride(1), a_SF.stride(0), h_SF2.stride(0),
+                SAVE_H=save_h, EVEN_K=D % cfg.BK == 0, EVEN_N=F % cfg.BN == 0, PREC=self.prec, UPCAST=self.upcast, **_opts(cfg))
+
+        self._run("gate_up", (save_h,), launch)
+        return a_SF, (h_SF2 if save_h else None)
+
+    def rows_gemm(self, kind, a_XK, b_EXN, transpose_b: bool, p_S, out_SN, gather_a=False, scatter=True):
+        """out = a[row] @ B_e (* p[slot]); B_e = b_EXN[e] (K x N) or b_EXN[e]^T when transpose_b.
+        gather_a: a is token-indexed (row r reads tok_S[r]); scatter: out row = slot, else sorted row."""
+        R = self.R
+        Kdim = a_XK.shape[1]
+        N = b_EXN.shape[1] if transpose_b else b_EXN.shape[2]
+        s_bk, s_bn = (b_EXN.stride(2), b_EXN.stride(1)) if transpose_b else (b_EXN.stride(1), b_EXN.stride(2))
+        scale = p_S is not None
+
+        def launch(cfg):
+            tile_e, tile_r0, n = R.schedule(cfg.BM)
+            self.kn.rows_gemm_kernel[(n * _cdiv(N, cfg.BN),)](
+                a_XK, b_EXN, R.tok_S, R.order_S, p_S if scale else a_XK, tile_e, tile_r0, R.ends_E, out_SN,
+                N, Kdim, n, a_XK.stride(0), b_EXN.stride(0), s_bk, s_bn, out_SN.stride(0),
+                GATHER_A=gather_a, SCATTER=scatter, SCALE_P=scale, EVEN_K=Kdim % cfg.BK == 0,
+                EVEN_N=N % cfg.BN == 0, PREC=self.prec, UPCAST=self.upcast, **_opts(cfg))
+
+        self._run(kind, (), launch)
+        return out_SN
+
+    def swiglu_bwd(self, h_SF2, da_SF, p_S):
+        R, F = self.R, self.F
+        dh_SF2 = _empty(h_SF2, R.S, 2 * F)
+        ap_SF = _empty(h_SF2, R.S, F)
+        dp_S = torch.empty(R.S, device=h_SF2.device, dtype=torch.float32)
+        BR, BF = 16, min(256, max(16, 1 << (F - 1).bit_length()))
+        self.kn.swiglu_bwd_kernel[(_cdiv(R.S, BR),)](
+            h_SF2, da_SF, R.order_S, p_S, dh_SF2, ap_SF, dp_S, R.S, F,
+            h_SF2.stride(0), da_SF.stride(0), dh_SF2.stride(0), ap_SF.stride(0), BR=BR, BF=BF, num_warps=4)
+        return dh_SF2, ap_SF, dp_S
+
+    def bwd_act(self, dy_TD, x_TD, w1_EDF2, w2_EFD, p_S):
+        """recompute=0: fused dA', recomputed g/u and SwiGLU backward (see bwd_act_kernel)."""
+        R, D, F = self.R, self.D, self.F
+        dh_SF2 = _empty(x_TD, R.S, 2 * F)
+        ap_SF = _empty(x_TD, R.S, F)
+        max_nb = max(_cdiv(F, c.BN) for c in tuning.CONFIGS["bwd_act"] + [tuning.INTERPRET_CFG, tuning.FP32_CFG])
+        dp_SB = torch.zeros(R.S, max_nb, device=x_TD.device, dtype=torch.float32)
+
+        def launch(cfg):
+            tile_e, tile_r0, n = R.schedule(cfg.BM)
+            self.kn.bwd_act_kernel[(n * _cdiv(F, cfg.BN),)](
+                dy_TD, x_TD, w1_EDF2, w2_EFD, R.tok_S, R.order_S, p_S, tile_e, tile_r0, R.ends_E,
+                dh_SF2, ap_SF, dp_SB,
+                D, F, n, dy_TD.stride(0), x_TD.stride(0), w1_EDF2.stride(0), w1_EDF2.stride(1),
+                w2_EFD.stride(0), w2_EFD.stride(1), dh_SF2.stride(0), ap_SF.stride(0), dp_SB.stride(0),
+                EVEN_K=D % cfg.BK == 0, EVEN_N=F % cfg.BN == 0, PREC=self.prec, UPCAST=self.upcast,
+                **_opts(cfg))
+
+        cfg = self._run("bwd_act", (), launch)  # tuning runs may have left other columns: sum the final ones
+        return dh_SF2, ap_SF, dp_SB[:, :_cdiv(F, cfg.BN)].sum(1)
+
+    def wgrad(self, a, b, gather_a: bool, gather_b: bool, out_EMN, a_t=False, b_t=False, out_t=False):
+        """out_EMN[e] = A_e^T @ B_e over expert e's sorted rows. A is (rows x M), or stored transposed (M x rows)
+        when a_t; B likewise with b_t; out_t computes out_EMN[e]^T (M and N swapped). Gathered operands are
+        token-indexed (row r reads tok_S[r])."""
+        R = self.R
+        M, N = out_EMN.shape[1], out_EMN.shape[2]
+        s_oe, s_om, s_on = out_EMN.stride()
+        if out_t:
+            M, N, s_om, s_on = N, M, s_on, s_om
+        s_ar, s_am = (a.stride(1), a.stride(0)) if a_t else (a.stride(0), a.stride(1))
+        s_br, s_bn = (b.stride(1), b.stride(0)) if b_t else (b.stride(0), b.stride(1))
+
+        def launch(cfg):
+            grid = (self.E * _cdiv(M, cfg.BM) * _cdiv(N, cfg.BN),)
+            self.kn.wgrad_kernel[grid](
+                a, b, R.tok_S, R.starts_E, R.ends_E, out_EMN, M, N, s_ar, s_am, s_br, s_bn, s_oe, s_om, s_on,
+                GATHER_A=gather_a, GATHER_B=gather_b, EVEN_M=M % cfg.BM == 0, EVEN_N=N % cfg.BN == 0,
+                PREC=self.prec, UPCAST=self.upcast, **_opts(cfg))
+
+        self._run("wgrad", (gather_a, gather_b, a_t, b_t), launch)
+        return out_EMN
+
+
+class ExpertBlock(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, save_h: bool, for_backward: bool):
+        kn = kernels(not x_TD.is_cuda)
+        R = Routing(idx_TK, w1_EDF2.shape[0], kn)
+        L = Launcher(x_TD, w1_EDF2, R)
+        p_S = p_TK.reshape(-1)
+        a_SF, h_SF2 = L.gate_up(x_TD, w1_EDF2, save_h and for_backward)
+        o_SD = L.rows_gemm("down", a_SF, w2_EFD, False, p_S, _empty(x_TD, R.S, L.D))
+        del a_SF
+        if for_backward:
+            ctx.R, ctx.L = R, L
+            ctx.save_for_backward(x_TD, p_TK, w1_EDF2, w2_EFD, h_SF2)
+        return o_SD.view(R.T, R.K, L.D).sum(1)
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        x_TD, p_TK, w1_EDF2, w2_EFD, h_SF2 = ctx.saved_tensors
+        R, L = ctx.R, ctx.L
+        need_x, _, need_p, need_w1, need_w2 = ctx.needs_input_grad[:5]
+        dy_TD, p_S = dy_TD.contiguous(), p_TK.reshape(-1)
+        if h_SF2 is not None:  # recompute=100: plain GEMM for dA', then the elementwise SwiGLU backward
+            da_SF = L.rows_gemm("dact", dy_TD, w2_EFD, True, None, _empty(x_TD, R.S, L.F), gather_a=True,
+                                scatter=False)
+            dh_SF2, ap_SF, dp_S = L.swiglu_bwd(h_SF2, da_SF, p_S)
+            del da_SF
+        else:
+            dh_SF2, ap_SF, dp_S = L.bwd_act(dy_TD, x_TD, w1_EDF2, w2_EFD, p_S)
+        dw2 = L.wgrad(ap_SF, dy_TD, False, True, _empty(w2_EFD, *w2_EFD.shape)) if need_w2 else None
+        del ap_SF
+        dx = None
+        if need_x:
+            dx_SD = L.rows_gemm("dx", dh_SF2, w1_EDF2, True, None, _empty(x_TD, R.S, L.D))
+            dx = dx_SD.view(R.T, R.K, L.D).sum(1)
+            del dx_SD
+        dw1 = L.wgrad(x_TD, dh_SF2, True, False, _empty(w1_EDF2, *w1_EDF2.shape)) if need_w1 else None
+        dp = dp_S.view(R.T, R.K).to(p_TK.dtype) if need_p else None
+        return dx, None, dp, dw1, dw2, None, None
+
+
+PAD_TO = 64  # F and D are zero-padded to a multiple of this (weights copied) so every tile is full and aligned
+
+
+def _pad_block(x_TD, w1_EDF2, w2_EFD):
+    """Zero-pad F (gate and up halves, w2 rows) and D: silu(0) * 0 = 0 and zero rows add nothing."""
+    _E, D, F2 = w1_EDF2.shape
+    F = F2 // 2
+    pad_F, pad_D = (-F) % PAD_TO, (-D) % PAD_TO
+    if pad_F:
+        w1_EDF2 = torch.cat([torch.nn.functional.pad(w1_EDF2[..., :F], (0, pad_F)),
+                             torch.nn.functional.pad(w1_EDF2[..., F:], (0, pad_F))], dim=-1)
+        w2_EFD = torch.nn.functional.pad(w2_EFD, (0, 0, 0, pad_F))
+    if pad_D:
+        x_TD = torch.nn.functional.pad(x_TD, (0, pad_D))
+        w1_EDF2 = torch.nn.functional.pad(w1_EDF2, (0, 0, 0, pad_D))
+        w2_EFD = torch.nn.functional.pad(w2_EFD, (0, pad_D))
+    return x_TD, w1_EDF2, w2_EFD
+
+
+def moe_forward(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, recompute: int = 100):
+    if recompute not in (0, 100):
+        raise ValueError(f"triton: recompute must be 0 (keep inputs only) or 100 (keep all), got {recompute}")
+    tensors = (x_TD, p_TK, w1_EDF2, w2_EFD)
+    for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    D = x_TD.shape[1]
+    if PAD_TO:
+        x_TD, w1_EDF2, w2_EFD = _pad_block(x_TD, w1_EDF2, w2_EFD)
+    x_TD, p_TK, w1_EDF2, w2_EFD = (t.contiguous() for t in (x_TD, p_TK, w1_EDF2, w2_EFD))
+    y_TD = ExpertBlock.apply(x_TD, idx_TK.contiguous(), p_TK, w1_EDF2, w2_EFD, recompute == 100, for_backward)
+    return y_TD[:, :D] if y_TD.shape[1] != D else y_TD

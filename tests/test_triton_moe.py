@@ -1,0 +1,212 @@
+"""The `triton` backend against `naive` on CPU, under Triton's interpreter.
+
+Legend: T tokens, D model dim, F expert hidden, E experts, K top-k.
+TRITON_INTERPRET=1 must be set before triton is imported (triton decorates its own standard library at
+import). A module fixture sets it for this module only and restores it afterwards, so other tests (and the
+worker processes they spawn) never see it. If something imported triton earlier without it, this module
+re-runs itself in a child process with the flag set instead of skipping.
+Interpreter block sizes are 32 (tuning.INTERPRET_CFG): the shapes below are chosen around that, with D and F
+off multiples of 32, several row/column/reduction tiles, an empty expert, K=1, K=E, E=3/5/6, T=1.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from implementations.naive import forward as naive
+from implementations.triton import moe
+from moebench.registry import get
+
+CHILD = os.environ.get("MOEBENCH_TRITON_TEST_CHILD") == "1"
+
+
+def _triton_is_interpreted() -> bool:
+    import triton.language.standard as std
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(std.sigmoid, InterpretedFunction)
+
+
+_STATE = {"in_process": None}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpret_mode():
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        if "triton" not in sys.modules or _triton_is_interpreted():
+            import importlib
+
+            from implementations.triton import kernels
+            if not _triton_is_interpreted():
+                raise RuntimeError("triton imported without the interpreter")
+            if "InterpretedFunction" not in type(kernels.gate_up_kernel).__name__:
+                importlib.reload(kernels)
+            _STATE["in_process"] = True
+        else:
+            _STATE["in_process"] = False
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+@pytest.fixture
+def in_process():
+    if not _STATE["in_process"]:
+        pytest.skip("triton was imported without TRITON_INTERPRET: covered by test_child_process")
+
+
+def test_child_process():
+    if _STATE["in_process"]:
+        pytest.skip("ran in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1", MOEBENCH_TRITON_TEST_CHILD="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                         env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def make_routing(T, E, K, gen, empty=None, hot=None):
+    """Distinct top-K experts per token; `empty` gets no token, `hot` is every token's first choice."""
+    pool = [e for e in range(E) if e != empty]
+    scores = torch.rand(T, len(pool), generator=gen)
+    if hot is not None:
+        scores[:, pool.index(hot)] = 2.0
+    idx_TK = torch.tensor(pool)[scores.topk(K, dim=1).indices]
+    p_TK = torch.softmax(torch.randn(T, K, generator=gen), dim=1)
+    return idx_TK, p_TK
+
+
+def make_inputs(T, D, F, E, K, seed, **routing):
+    gen = torch.Generator().manual_seed(seed)
+    idx_TK, p_TK = make_routing(T, E, K, gen, **routing)
+    x_TD = torch.randn(T, D, generator=gen)
+    w1_EDF2 = torch.randn(E, D, 2 * F, generator=gen) / D**0.5
+    w2_EFD = torch.randn(E, F, D, generator=gen) / F**0.5
+    dy_TD = torch.randn(T, D, generator=gen)
+    return x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, dy_TD
+
+
+def run(fn, x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, dy_TD, dtype, **opts):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (x_TD, p_TK, w1_EDF2, w2_EFD)]
+    y_TD = fn(leaves[0], idx_TK, leaves[1], leaves[2], leaves[3], **opts)
+    y_TD.backward(dy_TD.to(dtype))
+    return [y_TD] + [t.grad for t in leaves]
+
+
+SHAPES = {  # name: (T, D, F, E, K, routing)
+    "empty-expert": (13, 40, 36, 5, 2, {"empty": 3}),
+    "K1-E6": (17, 40, 36, 6, 1, {}),
+    "K=E": (9, 24, 20, 3, 3, {}),
+    "T1": (1, 16, 24, 4, 2, {}),
+    "multi-tile": (40, 72, 40, 3, 2, {"hot": 0}),  # expert 0: 40 rows = 2 row tiles, 1 full + 1 tail chunk
+}
+NAMES = ("y", "dx", "dp", "dw1", "dw2")
+
+
+# fp32 runs unpadded (PAD_TO=0: the masked tile paths), bf16 with the default padding of F and D to 64
+CASES = ([(s, torch.float32, 0) for s in SHAPES] + [(s, torch.bfloat16, 64) for s in SHAPES]
+         + [("multi-tile", torch.float32, 64), ("K1-E6", torch.bfloat16, 0)])
+
+
+@pytest.mark.parametrize("shape,dtype,pad", CASES, ids=[f"{s}-{str(d)[6:]}-pad{p}" for s, d, p in CASES])
+def test_matches_naive(in_process, monkeypatch, shape, dtype, pad):
+    monkeypatch.setattr(moe, "POISON", True)  # every buffer starts as NaN: an unwritten element fails
+    monkeypatch.setattr(moe, "PAD_TO", pad)
+    T, D, F, E, K, routing = SHAPES[shape]
+    inputs = make_inputs(T, D, F, E, K, seed=list(SHAPES).index(shape), **routing)
+    if dtype == torch.float32:  # fp32 kernel vs float64 reference
+        ref, tol = run(naive, *inputs, torch.float64), 1e-5
+    else:  # bf16 kernel vs fp32 reference on the same bf16-rounded inputs
+        inputs = [t.to(dtype).float() if t.is_floating_point() else t for t in inputs]
+        ref, tol = run(naive, *inputs, torch.float32), 2e-2
+    got = run(moe.moe_forward, *inputs, dtype, recompute=100)
+    errs = {n: rel(g, r) for n, g, r in zip(NAMES, got, ref)}
+    assert all(g.dtype == dtype for g in got)
+    assert max(errs.values()) <= tol, errs
+
+
+def test_recompute_settings(in_process, monkeypatch):
+    monkeypatch.setattr(moe, "POISON", True)
+    monkeypatch.setattr(moe, "PAD_TO", 0)
+    T, D, F, E, K, routing = SHAPES["multi-tile"]
+    inputs = make_inputs(T, D, F, E, K, seed=7, **routing)
+    ref = run(naive, *inputs, torch.float64)
+    saved = {}
+    for recompute in (0, 100):
+        got = run(moe.moe_forward, *inputs, torch.float32, recompute=recompute)
+        errs = {n: rel(g, r) for n, g, r in zip(NAMES, got, ref)}
+        assert max(errs.values()) <= 1e-5, (recompute, errs)
+        x = inputs[0].clone().requires_grad_()
+        y = moe.moe_forward(x, inputs[1], inputs[2], inputs[3], inputs[4], recompute=recompute)
+        saved[recompute] = sum(t.numel() for t in y.grad_fn.saved_tensors if t is not None)
+    # 100 keeps h_SF2 = [x W_g | x W_u] (T*K rows of 2F) on top of the inputs; 0 keeps the inputs only
+    assert saved[100] - saved[0] == T * K * 2 * F
+    with pytest.raises(ValueError, match="recompute"):
+        moe.moe_forward(*inputs[:5], recompute=50)
+
+
+def test_forward_without_grad_saves_nothing(in_process):
+    x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, _ = make_inputs(9, 24, 20, 3, 2, seed=3)
+    with torch.no_grad():
+        y = moe.moe_forward(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD)
+    assert y.grad_fn is None
+    assert rel(y, naive(x_TD.double(), idx_TK, p_TK.double(), w1_EDF2.double(), w2_EFD.double())) <= 1e-5
+
+
+@pytest.mark.parametrize("BM", [1, 4, 32])
+def test_block_schedule_covers_every_row_once(in_process, BM):
+    gen = torch.Generator().manual_seed(BM)
+    idx_TK, _ = make_routing(50, 7, 3, gen, empty=2, hot=5)
+    R = moe.Routing(idx_TK, 7, moe.kernels(True))
+    tile_e, tile_r0, n = R.schedule(BM)
+    seen = torch.zeros(R.S, dtype=torch.long)
+    for e, r0 in zip(tile_e.tolist(), tile_r0.tolist()):
+        if e < 0:
+            continue
+        rows = torch.arange(r0, min(r0 + BM, int(R.ends_E[e])))
+        assert rows.numel() > 0 and int(R.starts_E[e]) <= r0
+        seen[rows] += 1
+    assert seen.eq(1).all() and tile_e.numel() == n
+    flat = idx_TK.reshape(-1)
+    assert torch.equal(flat[R.order_S.long()], flat.sort(stable=True).values)
+    assert torch.equal(R.tok_S.long(), R.order_S.long() // 3)
+
+
+def test_registered_with_reasons(monkeypatch):
+    b = get("triton")
+    assert b.options == {"recompute": 100} and "cpu" in b.devices
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET=1" in b.why_not("cpu", "float32")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert b.why_not("cpu", "float32") is None
+
+
+def test_sonicmoe_adapter_layout():
+    """The peer adapter's weight conversion, checked against SonicMoE's documented semantics in plain torch:
+    per expert, h = x @ w1[:, :, e].T with gate/up interleaved (g = h[:, 0::2], u = h[:, 1::2]) and
+    y = (silu(g) * u) @ w2[:, :, e].T, weighted by the router scores."""
+    from implementations.peers import sonicmoe as peer
+    x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, _ = make_inputs(11, 24, 20, 5, 2, seed=11)
+    w1_F2DE, w2_DFE = peer.to_sonic_layout(w1_EDF2, w2_EFD)
+    assert w1_F2DE.shape == (40, 24, 5) and w2_DFE.shape == (24, 20, 5)
+    assert w1_F2DE.permute(2, 0, 1).is_contiguous() and w2_DFE.permute(2, 0, 1).is_contiguous()
+    y_TD = torch.zeros_like(x_TD)
+    for t in range(11):
+        for k in range(2):
+            e = int(idx_TK[t, k])
+            h = x_TD[t] @ w1_F2DE[:, :, e].T
+            y_TD[t] += p_TK[t, k] * ((torch.nn.functional.silu(h[0::2]) * h[1::2]) @ w2_DFE[:, :, e].T)
+    assert rel(y_TD, naive(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD)) <= 1e-5
+    if importlib.util.find_spec("sonicmoe") is None:
+        assert get("sonicmoe").why_not("cuda", "bfloat16") == "sonic-moe not installed"
