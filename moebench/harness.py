@@ -19,7 +19,7 @@ from moebench import components, envinfo, metrics
 from moebench.model import MoEModel, build_layer
 from moebench.registry import get
 from moebench.results import make_record
-from moebench.routing import synthetic_idx
+from moebench.routing import capacity_keep, dropped_fraction, synthetic_idx
 from moebench.spec import Case
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,7 +45,7 @@ def run_case(case: Case, run_id: str, env: dict) -> dict:
     w, spec = case.workload, case.model
     shape = {"T": w.tokens, "D": spec.d_model, "F": spec.d_expert, "E": spec.n_experts, "K": spec.top_k}
     reason = backend.why_not(case.device, w.dtype, shape)
-    if reason is None and w.level == "model":
+    if reason is None and w.level in ("model", "train-run"):
         reason = components.why_not(spec.attention, spec.norm, case.device, w.dtype)
     if reason is None and case.device == "cuda" and not torch.cuda.is_available():
         reason = "CUDA requested but torch.cuda.is_available() is False"
@@ -65,7 +65,7 @@ def run_case(case: Case, run_id: str, env: dict) -> dict:
     except torch.OutOfMemoryError as e:
         return rec("oom", _first_line(e), m | _memory(device))
     except NonFiniteLoss as e:
-        return rec("failed", str(e), m | {"failed_step": e.step})
+        return rec("failed", str(e), m | getattr(e, "metrics", {}) | {"failed_step": e.step})
     except Exception as e:  # noqa: BLE001 - one failing case never stops the suite
         if "DefaultCPUAllocator: can't allocate memory" in str(e):  # CPU out of memory: a RuntimeError
             return rec("oom", _first_line(e), m | _memory(device))
@@ -97,10 +97,11 @@ def routing_for(case: Case, T: int, gen: torch.Generator, layer: int = 0) -> tor
 
 
 def parity(case: Case) -> dict:
-    """Output and every gradient (x, w1, w2, p) of the backend vs naive in higher precision."""
+    """Output and every gradient (x, w1, w2, p) of the backend vs naive in higher precision. A capacity
+    backend (Backend.capacity) is compared with naive on the slots it keeps: dropped slots weigh 0 there."""
     backend, naive = get(case.backend), get("naive")
     spec, w = case.model, case.workload
-    if not backend.dropless:
+    if not backend.dropless and backend.capacity is None:
         return {"ok": True, "skipped": f"{backend.name} drops tokens by design; no dropless reference"}
     dev, dt = torch.device(case.device), DTYPES[w.dtype]
     ref_dt = torch.float64 if dt == torch.float32 else torch.float32
@@ -114,19 +115,27 @@ def parity(case: Case) -> dict:
     }
     idx_TK = routing_for(case, T, g).to(dev)
     dy_TD = torch.randn(T, D, generator=g)
+    opts = {**backend.options, **case.backend_options}
+    keep_TK, extra = None, {}
+    if backend.capacity is not None:
+        C = backend.capacity(T, spec.top_k, E, **opts)
+        keep_TK = capacity_keep(idx_TK, E, C)
+        extra = {"capacity": C, "dropped_frac": 1.0 - keep_TK.float().mean().item()}
 
-    def run(fn, dtype, **opts):
+    def run(fn, dtype, keep=None, **opts):
         leaves = {k: v.to(dev, dtype).requires_grad_() for k, v in base.items()}
-        y = fn(leaves["x_TD"], idx_TK, leaves["p_TK"], leaves["w1_EDF2"], leaves["w2_EFD"], **opts)
+        p_TK = leaves["p_TK"] if keep is None else leaves["p_TK"] * keep  # dropped slots weigh 0
+        y = fn(leaves["x_TD"], idx_TK, p_TK, leaves["w1_EDF2"], leaves["w2_EFD"], **opts)
         y.backward(dy_TD.to(dev, dtype))
         return {"y": y.detach()} | {f"d{k.split('_')[0]}": v.grad for k, v in leaves.items()}
 
-    ref = run(naive.forward, ref_dt)
-    got = run(backend.forward, dt, **{**backend.options, **case.backend_options})
+    ref = run(naive.forward, ref_dt, keep=keep_TK)
+    got = run(backend.forward, dt, **opts)
     errors = {k: metrics.rel_err(got[k] if got[k] is not None else torch.zeros_like(ref[k]), ref[k]) for k in ref}
     tol = TOLERANCE[w.dtype]
     return {"ok": all(e <= tol for e in errors.values()), "errors": errors, "tol": tol,
-            "reference": f"naive in {str(ref_dt).replace('torch.', '')}", "T": T}
+            "reference": f"naive in {str(ref_dt).replace('torch.', '')}"
+                         + (" on the kept slots" if keep_TK is not None else ""), "T": T} | extra
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -172,6 +181,9 @@ def measure(case: Case, device: torch.device) -> dict:
     opts = {**backend.options, **case.backend_options}
     dt = DTYPES[w.dtype]
     torch.manual_seed(w.seed)
+    if w.level == "train-run":  # a training run on real text: moebench/train.py records loss and balance
+        from moebench import train
+        return train.run(case, device)
     if w.level == "layer":
         step, routes_of, extra = _layer_step(case, backend, opts, device, dt)
         flops = spec.layer_flops_per_token()
@@ -201,6 +213,8 @@ def measure(case: Case, device: torch.device) -> dict:
     ceiling = envinfo.ceiling(device)
     m = metrics.rates(step_ms, w.tokens, flops, ceiling["tflops"], metrics.datasheet_peak(envinfo.gpu_name()))
     m |= _memory(device) | {"balance": metrics.balance_block(counts)} | extra
+    if backend.capacity is not None:
+        m["dropped_frac"] = dropped_fraction(counts, backend.capacity(w.tokens, spec.top_k, spec.n_experts, **opts))
     if losses:
         m["loss_curve"] = losses
     return m

@@ -83,8 +83,15 @@ class MoE(nn.Module):
 
     def forward(self, x_TD) -> tuple[torch.Tensor, RouterOut]:
         r = self.router(x_TD)
-        y_TD = self.backend.forward(x_TD, r.idx_TK, r.p_TK.to(x_TD.dtype), self.w1_EDF2, self.w2_EFD,
-                                    **self.options)
+        # under autocast the backend gets its inputs in the autocast dtype (not every op it uses autocasts)
+        dev = x_TD.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_TD.dtype
+        w1, w2, xb_TD = self.w1_EDF2.to(dt), self.w2_EFD.to(dt), x_TD.to(dt)
+        if r.tok_S is None:
+            y_TD = self.backend.forward(xb_TD, r.idx_TK, r.p_TK.to(dt), w1, w2, **self.options)
+        else:  # expert choice: slots are (token, expert) pairs; run them as single-expert rows, add back
+            y_SD = self.backend.forward(xb_TD[r.tok_S], r.idx_TK, r.p_TK.to(dt), w1, w2, **self.options)
+            y_TD = torch.zeros_like(xb_TD).index_add_(0, r.tok_S, y_SD)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         return (y_TD * self.scale if self.scale != 1.0 else y_TD), r

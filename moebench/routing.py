@@ -1,32 +1,48 @@
-"""Routers and balance strategies. A router maps x_TD -> RouterOut(idx_TK, p_TK, aux, counts_E).
+"""Routers and balance strategies. A router maps x_TD -> RouterOut(idx_TK, p_TK, counts_E, aux, ...).
 
-Legend: T tokens, D model dim, E experts, K top-k, G groups.
-  scoring   softmax (Mixtral/Switch) | sigmoid (DeepSeek-V3); logits in fp32, divided by temperature
-  groups    n_group/topk_group: only experts of the best topk_group groups may be picked (DeepSeek-V2/V3)
-  balance   none | aux: alpha * E * sum_i f_i * P_i, f_i = c_i / (T*K), P_i = mean_t s_ti (Switch)
-                 | bias: top-k on s + b, gate weight from s alone; after each step
+Legend: T tokens, D model dim, E experts, K top-k, G groups, C capacity (slots per expert), S slots.
+  scoring   softmax (Mixtral/Switch) | sigmoid (DeepSeek-V3); logits in fp32 (autocast off), / temperature
+  kind      topk: each token its top-K experts | expert_choice: each expert its top-C tokens by score
+            (Zhou et al. 2022), C = ceil(cf * T * K / E) with cf = capacity_factor or 1. Expert choice sees the
+            whole batch, so in a causal LM a token's routing depends on later tokens: measure it, don't ship it.
+  groups    n_group/topk_group: only experts of the best topk_group groups may be picked; a group's score
+            is the sum of its best two (DeepSeek-V3)
+  weights   p = s at the picked experts; norm_topk: p / sum_k p; then * route_scale
+  capacity  capacity_factor cf (token choice): an expert keeps at most C = ceil(cf * T * K / E) slots, first
+            come first served in rank-major order (every token's 1st choice before any 2nd choice, token order
+            within a rank: GShard/Switch). A dropped slot contributes nothing (the token keeps its residual).
+            null_expert: the dropped share goes to a null expert whose output is 0, so kept weights are NOT
+            renormalised; without it (and with norm_topk) the kept weights are renormalised over kept slots.
+  balance   none | aux: alpha * E * sum_i f_i * P_i, f_i = c_i / (T*K), P_i = mean_t s'_ti with s' = s / sum_e s
+                       (= s for softmax) (Switch; DeepSeek-V3 normalises sigmoid scores the same way)
+                 | bias: top-k on s + b, gate weight from s alone; after each optimizer step
                          b_i += u * sign(mean c - c_i) (Loss-Free Balancing, arXiv 2408.15664)
   z-loss    coef * mean_t logsumexp(logits_t)^2 (ST-MoE), independent of the balance choice
+  ramps     aux_ramp_steps R: the aux coefficient is scaled by min(1, (step+1)/R); moe_warmup_steps W: the
+            routed experts' gate weights by min(1, (step+1)/W) (MoE Transformer seed: gradual activation);
+            step = optimizer steps taken, advanced by update_bias() and saved in the router's state_dict.
 Synthetic routing (workload.routing uniform | zipf:<s> | hot:<k>) replaces the top-k choice with a fixed
 table drawn once per case; gate weights still come from the router's scores, so gradients reach it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from moebench.spec import RouterSpec
 
 
 @dataclass
 class RouterOut:
-    idx_TK: torch.Tensor
-    p_TK: torch.Tensor            # fp32 gate weights
-    counts_E: torch.Tensor        # tokens routed to each expert (this call)
+    idx_TK: torch.Tensor          # expert of each slot; with tok_S set: shape (S, 1), slot s reads token tok_S[s]
+    p_TK: torch.Tensor            # fp32 gate weights (0 at dropped slots)
+    counts_E: torch.Tensor        # tokens routed to each expert (this call; demand, before any capacity drop)
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # named losses, already scaled by their coef
+    tok_S: torch.Tensor | None = None     # expert choice: the token of each slot (idx_TK/p_TK are per slot)
+    dropped: torch.Tensor | None = None   # capacity: fraction of slots dropped; expert choice: of tokens unserved
 
 
 def expert_probs(name: str, E: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -55,6 +71,46 @@ def synthetic_idx(name: str, T: int, E: int, K: int, seed: int) -> torch.Tensor:
     return torch.multinomial(probs.float().expand(T, E), K, replacement=False, generator=g)
 
 
+# ------------------------------------------------------------------------------------------- capacity
+def capacity(T: int, K: int, E: int, capacity_factor: float) -> int:
+    """Slots each expert keeps: C = ceil(cf * T * K / E), at least 1 (rounded to 1e-9 first so that
+    1.1 * 100 / 11 is 10, not 11)."""
+    return max(1, math.ceil(round(capacity_factor * T * K / E, 9)))
+
+
+def slot_positions(idx_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """pos_TK: the place of each slot in its expert's queue, rank-major (all 1st choices, then all 2nd
+    choices, ...; token order within a rank). A slot is kept under capacity C iff pos < C. No host sync."""
+    T, K = idx_TK.shape
+    flat_S = idx_TK.t().reshape(-1)                                  # slot s = k * T + t
+    order_S = torch.argsort(flat_S, stable=True)
+    counts_E = torch.zeros(n_experts, dtype=torch.long, device=idx_TK.device).scatter_add_(
+        0, flat_S, torch.ones_like(flat_S))
+    start_E = counts_E.cumsum(0) - counts_E
+    pos_sorted = torch.arange(flat_S.numel(), device=idx_TK.device) - start_E[flat_S[order_S]]
+    pos_S = torch.empty_like(pos_sorted).scatter_(0, order_S, pos_sorted)
+    return pos_S.view(K, T).t()
+
+
+def capacity_keep(idx_TK: torch.Tensor, n_experts: int, C: int) -> torch.Tensor:
+    """keep_TK: True where the slot fits its expert's capacity C (first come, first served, rank-major)."""
+    return slot_positions(idx_TK, n_experts) < C
+
+
+def dropped_fraction(counts_E, C: int) -> float:
+    """Dropped share of the slots under capacity C, from loads alone: expert i keeps min(c_i, C), whatever
+    the priority order. counts_E: one load vector, or nested lists of them (summed over all)."""
+    c = torch.as_tensor(counts_E, dtype=torch.float64)
+    total = c.sum().item()
+    return (c - C).clamp_min(0).sum().item() / total if total > 0 else 0.0
+
+
+def ramp(step: int, n: int) -> float:
+    """Linear ramp: min(1, (step + 1) / n); 1 when n = 0."""
+    return 1.0 if n <= 0 else min(1.0, (step + 1) / n)
+
+
+# --------------------------------------------------------------------------------------------- router
 class Router(nn.Module):
     def __init__(self, spec: RouterSpec, d_model: int, n_experts: int, top_k: int):
         super().__init__()
@@ -63,6 +119,13 @@ class Router(nn.Module):
         self.register_buffer("bias_E", torch.zeros(n_experts))           # loss-free balancing bias
         self.register_buffer("pending_counts_E", torch.zeros(n_experts))  # loads since the last bias update
         self.fixed_idx_TK: torch.Tensor | None = None                      # synthetic routing table
+        self.step = 0                                                      # optimizer steps taken (ramps)
+
+    def get_extra_state(self):
+        return {"step": self.step}
+
+    def set_extra_state(self, state):
+        self.step = int(state["step"])
 
     def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
         return logits_TE.softmax(-1) if self.spec.scoring == "softmax" else logits_TE.sigmoid()
@@ -82,33 +145,62 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> RouterOut:
         sp = self.spec
-        logits_TE = (x_TD.float() @ self.wr_DE.float()) / sp.temperature
-        s_TE = self.scores(logits_TE)
+        with torch.autocast(x_TD.device.type, enabled=False):  # router math in fp32 under bf16 autocast too
+            logits_TE = (x_TD.float() @ self.wr_DE.float()) / sp.temperature
+            s_TE = self.scores(logits_TE)
+            aux = {}
+            if sp.z_loss > 0 and self.training:
+                aux["z_loss"] = sp.z_loss * torch.logsumexp(logits_TE, dim=-1).square().mean()
+            if sp.kind == "expert_choice":
+                return self._expert_choice(s_TE, aux)
+            return self._token_choice(s_TE, aux)
+
+    def _token_choice(self, s_TE: torch.Tensor, aux: dict) -> RouterOut:
+        sp, (T, E) = self.spec, s_TE.shape
         if self.fixed_idx_TK is not None:
             idx_TK = self.fixed_idx_TK
         else:
             with torch.no_grad():
                 idx_TK = self.select(s_TE.detach())
         p_TK = s_TE.gather(1, idx_TK)
+        keep_TK = dropped = None
+        if sp.capacity_factor is not None:
+            keep_TK = capacity_keep(idx_TK, E, capacity(T, self.K, E, sp.capacity_factor))
+            dropped = 1.0 - keep_TK.float().mean()
         if sp.norm_topk:
-            p_TK = p_TK / p_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-        p_TK = p_TK * sp.route_scale
-        counts_E = torch.bincount(idx_TK.reshape(-1), minlength=self.E)
-        aux = {}
+            kept = p_TK if keep_TK is None or sp.null_expert else p_TK * keep_TK
+            p_TK = p_TK / kept.sum(-1, keepdim=True).clamp_min(1e-20)
+        if keep_TK is not None:
+            p_TK = p_TK * keep_TK
+        p_TK = p_TK * (sp.route_scale * ramp(self.step, sp.moe_warmup_steps))
+        counts_E = torch.zeros(E, dtype=torch.long, device=idx_TK.device).scatter_add_(
+            0, idx_TK.reshape(-1), torch.ones_like(idx_TK.reshape(-1)))  # bincount without a host sync
         if sp.balance == "aux" and sp.aux_alpha > 0 and self.training:
-            T = x_TD.shape[0]
             f_E = counts_E.float() / (T * self.K)
             P_E = (s_TE / s_TE.sum(-1, keepdim=True)).mean(0)
-            aux["aux_loss"] = sp.aux_alpha * self.E * (f_E * P_E).sum()
-        if sp.z_loss > 0 and self.training:
-            aux["z_loss"] = sp.z_loss * torch.logsumexp(logits_TE, dim=-1).square().mean()
+            coef = sp.aux_alpha * ramp(self.step, sp.aux_ramp_steps)
+            aux["aux_loss"] = coef * E * (f_E * P_E).sum()
         if sp.balance == "bias" and self.training:
             self.pending_counts_E += counts_E.float()
-        return RouterOut(idx_TK, p_TK, counts_E, aux)
+        return RouterOut(idx_TK, p_TK, counts_E, aux, dropped=dropped)
+
+    def _expert_choice(self, s_TE: torch.Tensor, aux: dict) -> RouterOut:
+        """Each expert takes its top-C tokens by score; gate weight = score (no renormalisation)."""
+        sp, (T, E) = self.spec, s_TE.shape
+        C = min(T, capacity(T, self.K, E, sp.capacity_factor or 1.0))
+        g_EC, tok_EC = s_TE.t().topk(C, dim=-1)
+        tok_S = tok_EC.reshape(-1)
+        idx_S1 = torch.arange(E, device=s_TE.device).repeat_interleave(C).unsqueeze(1)
+        p_S1 = g_EC.reshape(-1, 1) * (sp.route_scale * ramp(self.step, sp.moe_warmup_steps))
+        served_T = torch.zeros(T, device=s_TE.device).index_fill_(0, tok_S, 1.0)
+        counts_E = torch.full((E,), C, dtype=torch.long, device=s_TE.device)
+        return RouterOut(idx_S1, p_S1, counts_E, aux, tok_S=tok_S, dropped=1.0 - served_T.mean())
 
     @torch.no_grad()
     def update_bias(self) -> None:
-        """Loss-free balancing step, called once per optimizer step: b_i += u * sign(mean c - c_i)."""
+        """Called once per optimizer step: advances the ramps' step and, for balance = 'bias', applies the
+        loss-free update b_i += u * sign(mean c - c_i) with the loads since the last call."""
+        self.step += 1
         if self.spec.balance != "bias":
             return
         c = self.pending_counts_E
