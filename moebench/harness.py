@@ -8,7 +8,9 @@ decisions; a failure is status `mismatch` and nothing is timed.
 """
 from __future__ import annotations
 
+import gc
 import math
+import os
 import resource
 import time
 import traceback
@@ -25,6 +27,7 @@ from moebench.spec import Case
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 1e-2}
 L2_FLUSH_BYTES = 256 * 2**20
+WARMUP_MIN_S = 1.0
 
 
 class NonFiniteLoss(RuntimeError):
@@ -53,14 +56,19 @@ def run_case(case: Case, run_id: str, env: dict) -> dict:
         return rec("skipped", reason)
     device = torch.device(case.device)
     m: dict = {}
+    if backend.needs_process_group:  # expert parallel: every rank of the case runs this; rank 0 gathers
+        from moebench import distributed
+        parity_fn, measure_fn = distributed.parity, distributed.measure
+    else:
+        parity_fn, measure_fn = parity, measure
     try:
         _apply_memory_budget(case)
-        m["parity"] = parity(case)
+        m["parity"] = parity_fn(case)
         if not m["parity"]["ok"]:
             worst = max(m["parity"]["errors"], key=m["parity"]["errors"].get)
             return rec("mismatch", f"{worst} rel err {m['parity']['errors'][worst]:.3g} > tol "
                                    f"{m['parity']['tol']:.0e} vs naive", m)
-        m |= measure(case, device)
+        m |= measure_fn(case, device)
         return rec("ok", "", m)
     except torch.OutOfMemoryError as e:
         return rec("oom", _first_line(e), m | _memory(device))
@@ -107,14 +115,15 @@ def parity(case: Case) -> dict:
     ref_dt = torch.float64 if dt == torch.float32 else torch.float32
     T, D, Fh, E = w.tokens, spec.d_model, spec.d_expert, spec.n_experts
     g = torch.Generator().manual_seed(w.seed + 12345)
+    gd = torch.Generator(device=dev).manual_seed(w.seed + 12345)  # big tensors are drawn on the device: fast
     base = {
-        "x_TD": torch.randn(T, D, generator=g),
-        "w1_EDF2": torch.randn(E, D, 2 * Fh, generator=g) / math.sqrt(D),
-        "w2_EFD": torch.randn(E, Fh, D, generator=g) / math.sqrt(Fh),
-        "p_TK": torch.rand(T, spec.top_k, generator=g) + 0.05,
+        "x_TD": torch.randn(T, D, generator=gd, device=dev),
+        "w1_EDF2": torch.randn(E, D, 2 * Fh, generator=gd, device=dev) / math.sqrt(D),
+        "w2_EFD": torch.randn(E, Fh, D, generator=gd, device=dev) / math.sqrt(Fh),
+        "p_TK": torch.rand(T, spec.top_k, generator=gd, device=dev) + 0.05,
     }
     idx_TK = routing_for(case, T, g).to(dev)
-    dy_TD = torch.randn(T, D, generator=g)
+    dy_TD = torch.randn(T, D, generator=gd, device=dev)
     opts = {**backend.options, **case.backend_options}
     keep_TK, extra = None, {}
     if backend.capacity is not None:
@@ -123,7 +132,7 @@ def parity(case: Case) -> dict:
         extra = {"capacity": C, "dropped_frac": 1.0 - keep_TK.float().mean().item()}
 
     def run(fn, dtype, keep=None, **opts):
-        leaves = {k: v.to(dev, dtype).requires_grad_() for k, v in base.items()}
+        leaves = {k: v.detach().to(dev, dtype).requires_grad_() for k, v in base.items()}
         p_TK = leaves["p_TK"] if keep is None else leaves["p_TK"] * keep  # dropped slots weigh 0
         y = fn(leaves["x_TD"], idx_TK, p_TK, leaves["w1_EDF2"], leaves["w2_EFD"], **opts)
         y.backward(dy_TD.to(dev, dtype))
@@ -195,34 +204,72 @@ def measure(case: Case, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    for i in range(w.warmup):
-        step(i)
+    n_warm = _warm_up(step, w.warmup, device)
     timer, outs = _Timer(device), []
-    for i in range(w.repeats):
-        if flush is not None:
-            flush.fill_(float(i))
-        timer.start()
-        outs.append(step(w.warmup + i))
-        timer.stop()
-    step_ms = timer.ms()
+    gc.collect()
+    gc.disable()  # no collector pauses inside the timed steps
+    try:
+        for i in range(w.repeats):
+            if flush is not None:
+                flush.fill_(float(i))
+            timer.start()
+            outs.append(step(n_warm + i))
+            timer.stop()
+        step_ms = timer.ms()
+    finally:
+        gc.enable()
     counts = [[c.tolist() for c in routes_of(o)] for o in outs]
     losses = [float(o["loss"]) for o in outs if isinstance(o, dict) and "loss" in o]
     for i, v in enumerate(losses):
         if not math.isfinite(v):
-            raise NonFiniteLoss(w.warmup + i, v)
+            raise NonFiniteLoss(n_warm + i, v)
     ceiling = envinfo.ceiling(device)
     m = metrics.rates(step_ms, w.tokens, flops, ceiling["tflops"], metrics.datasheet_peak(envinfo.gpu_name()))
     m |= _memory(device) | {"balance": metrics.balance_block(counts)} | extra
     if backend.capacity is not None:
         m["dropped_frac"] = dropped_fraction(counts, backend.capacity(w.tokens, spec.top_k, spec.n_experts, **opts))
+    if os.environ.get("MOEBENCH_PROFILE_DIR"):
+        m["profile"] = _profile(step, n_warm + w.repeats, device, case)
     if losses:
         m["loss_curve"] = losses
     return m
 
 
+def _profile(step, i0: int, device: torch.device, case: Case) -> str:
+    """After timing (never inside it): 3 steps under torch.profiler; writes the top ops by device time."""
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for i in range(3):
+            step(i0 + i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path = Path(os.environ["MOEBENCH_PROFILE_DIR"]) / f"{case.key}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{case.label}\n3 steps\n" + prof.key_averages().table(sort_by=sort, row_limit=30))
+    return str(path)
+
+
+def _warm_up(step, n: int, device: torch.device) -> int:
+    """At least n steps; on CUDA also at least WARMUP_MIN_S seconds of them, so clocks, the caching allocator
+    and autotuners have settled before the first timed step. Returns the number of warm-up steps run."""
+    t0, i = time.perf_counter(), 0
+    while i < n or (device.type == "cuda" and time.perf_counter() - t0 < WARMUP_MIN_S and i < 200):
+        step(i)
+        i += 1
+        if device.type == "cuda" and i >= n:
+            torch.cuda.synchronize()
+    return i
+
+
 def _layer_step(case, backend, opts, device, dt):
     w, spec = case.workload, case.model
-    layer = build_layer(spec, backend, opts, seed=w.seed).to(device, dt)
+    with device:  # parameters are allocated and drawn on the device
+        layer = build_layer(spec, backend, opts, seed=w.seed).to(dtype=dt)
     if w.routing != "learned":
         layer.router.fixed_idx_TK = synthetic_idx(w.routing, w.tokens, spec.n_experts, spec.top_k,
                                                   seed=w.seed * 1000).to(device)
@@ -252,7 +299,8 @@ def _layer_step(case, backend, opts, device, dt):
 
 def _model_step(case, backend, opts, device, dt):
     w, spec = case.workload, case.model
-    model = MoEModel(spec, backend, opts, seed=w.seed).to(device, dt)
+    with device:
+        model = MoEModel(spec, backend, opts, seed=w.seed).to(dtype=dt)
     if w.routing != "learned":
         for li, moe in enumerate(model.moe_layers):
             moe.router.fixed_idx_TK = synthetic_idx(w.routing, w.tokens, spec.n_experts, spec.top_k,

@@ -155,20 +155,23 @@ class MoEModel(nn.Module):
 def init_weights(model: MoEModel, seed: int, std: float = 0.02) -> None:
     """Deterministic init from a seed, independent of the backend: same seed, same weights, any backend.
     Normal(0, 0.02); output projections scaled by 1/sqrt(2 L) (GPT-2); norm scales 1."""
-    g = torch.Generator().manual_seed(seed)
+    dev = next(model.parameters()).device  # drawn where the model lives: fast, and the same on every backend
+    g = torch.Generator(device=dev).manual_seed(seed)
     out_std = std / math.sqrt(2 * model.spec.n_layers)
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if p.dim() == 1:  # norm scales
             p.fill_(1.0)
         else:
-            p.copy_(torch.randn(p.shape, generator=g) * (out_std if name.endswith(("wo_XD", "w2_EFD", "w2_FD")) else std))
+            scale = out_std if name.endswith(("wo_XD", "w2_EFD", "w2_FD")) else std
+            p.copy_(torch.randn(p.shape, generator=g, device=dev) * scale)
 
 
 def build_layer(spec: ModelSpec, backend: Backend, options: dict | None = None, seed: int = 0) -> MoE:
     """The MoE layer alone (layer-level workloads), initialised like the model's layers."""
     layer = MoE(spec, backend, options)
-    g = torch.Generator().manual_seed(seed)
+    dev = layer.w1_EDF2.device
+    g = torch.Generator(device=dev).manual_seed(seed)
     with torch.no_grad():
         for _, p in sorted(layer.named_parameters(), key=lambda kv: kv[0]):
-            p.copy_(torch.randn(p.shape, generator=g) * (1.0 / math.sqrt(p.shape[-2] if p.dim() > 1 else 1)))
+            p.copy_(torch.randn(p.shape, generator=g, device=dev) / math.sqrt(p.shape[-2] if p.dim() > 1 else 1))
     return layer
