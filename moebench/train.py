@@ -8,7 +8,8 @@ backend gets bf16 inputs, routers stay fp32); float32 runs plain fp32. Batches a
 bitwise on CPU in fp32 (tests/test_train.py).
 
 Checkpoints: every checkpoint_every steps to $MOEBENCH_CHECKPOINT_DIR/<case_key>/ckpt.pt (default
-~/.cache/moebench/checkpoints); a run that finds an unfinished checkpoint of its case resumes from it.
+~/.cache/moebench/checkpoints); a run that finds an unfinished checkpoint of its case resumes from it. One that
+cannot be written is recorded (train_run.checkpoint_error) and the run goes on without checkpoints.
 A non-finite loss raises harness.NonFiniteLoss(step) carrying the curves so far: the record is `failed`.
 
 Metrics (Legend: L MoE layers, E experts, N steps):
@@ -125,7 +126,7 @@ def run(case: Case, device: torch.device | str, *, checkpoint_dir: str | Path | 
             model.load_state_dict(st["model"])
             opt.load_state_dict(st["opt"])
             start, hist = st["next_step"], History(L, E, st["hist"])
-    resumed_from = start or None
+    resumed_from, ckpt_error = start or None, None
 
     cuda = device.type == "cuda"
     pending: list = []
@@ -217,9 +218,12 @@ def run(case: Case, device: torch.device | str, *, checkpoint_dir: str | Path | 
             flush()
         if do_eval:
             val_counts_BLE = evaluate(step)
-        if do_ckpt:
-            _save(ckpt, {"case_key": case.key, "next_step": step + 1, "model": model.state_dict(),
-                         "opt": opt.state_dict(), "hist": hist.state()})
+        if do_ckpt and ckpt_error is None:
+            try:
+                _save(ckpt, {"case_key": case.key, "next_step": step + 1, "model": model.state_dict(),
+                             "opt": opt.state_dict(), "hist": hist.state()})
+            except OSError as e:  # a safety net that cannot be written must not end the measurement: recorded
+                ckpt_error = f"step {step + 1}: cannot write {ckpt}: {e.strerror or e}"
         if on_step is not None:
             on_step(step, model)
     flush()
@@ -249,7 +253,8 @@ def run(case: Case, device: torch.device | str, *, checkpoint_dir: str | Path | 
             "dead_experts_train_last10pct": int(sum(t["dead"] for t in tail)),
             "dropped_frac": float(np.mean(hist.curves["dropped"])),
             "steps": o.steps, "tokens_per_step": w.tokens, "moe_layers": L,
-            "resumed_from": resumed_from, "wall_s": wall_s,
+            "resumed_from": resumed_from, "checkpoint": str(ckpt) if ckpt else None, "checkpoint_error": ckpt_error,
+            "wall_s": wall_s,
         },
     }
     return m

@@ -122,6 +122,13 @@ def test_resume_continues_the_same_loss_curve_bitwise(tmp_path):
     assert seen["again"] == 0 and again["loss_curve"] == full["loss_curve"]
 
 
+def test_an_unwritable_checkpoint_is_recorded_not_fatal(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    m = train.run(case(steps=4, checkpoint_every=2), "cpu", checkpoint_dir=blocker)
+    assert len(m["loss_curve"]) == 4 and "cannot write" in m["train_run"]["checkpoint_error"]
+
+
 def test_a_planted_nan_fails_the_run_at_its_step(monkeypatch):
     real = torch.nn.functional.cross_entropy
     calls = {"n": 0}
