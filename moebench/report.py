@@ -364,14 +364,14 @@ def plot_training(df: pd.DataFrame) -> Plot | None:
         for _, r in sub.iterrows():
             axes[i, 0].plot(*_curve(r["loss_curve"]), color=col[r["line"]], label=r["line"], linewidth=1.2)
             val = _curve(r["val_curve"], "val_loss")
-            if val is not None:
-                axes[i, 0].plot(*val, color=col[r["line"]], linestyle="--", marker="o", markersize=3,
-                                label=f"{r['line']} (validation)")
+            if val is not None:  # dashed, same colour; named once in the panel title
+                axes[i, 0].plot(*val, color=col[r["line"]], linestyle="--", marker="o", markersize=3)
             if r["has_vio"]:
                 axes[i, 1].plot(*_curve(r["maxvio_curve"]), color=col[r["line"]], label=r["line"], linewidth=1.2)
-        axes[i, 0].set_title(p, fontsize=8, loc="left")
+        has_val = sub["val_curve"].map(lambda v: _curve(v, "val_loss") is not None).any()
+        axes[i, 0].set_title(p + (" (dashed: validation loss)" if has_val else ""), fontsize=8, loc="left")
         axes[i, 0].set_ylabel("loss")
-        axes[i, 0].legend(fontsize=7)
+        axes[i, 0].legend(fontsize=7, framealpha=0.6)
         axes[i, 0].grid(alpha=0.3)
         axes[i, 0].set_xlabel("step", fontsize=8)
         axes[i, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -540,11 +540,15 @@ def claims_table(df: pd.DataFrame) -> Table | None:
         from moebench.claims import claims_frame
     except ImportError:
         return None
-    cf = claims_frame(df)
+    try:
+        cf = claims_frame(df)
+    except Exception as e:  # noqa: BLE001 - the report of a finished run must still be written; say why not
+        return Table("Seed claims: claimed vs measured", ["error"],
+                     [[f"moebench.claims.claims_frame failed: {type(e).__name__}: {e}"]])
     if cf is None or len(cf) == 0:
         return None
-    cols = [c for c in ("seed", "claim", "claimed", "unit", "claimed_device", "measured", "measured_device",
-                        "verdict", "why") if c in cf.columns]
+    cols = [c for c in ("seed", "claim", "compared", "claimed", "unit", "claimed_device", "measured",
+                        "measured_device", "verdict", "why") if c in cf.columns]
     return Table("Seed claims: claimed vs measured", cols, [[_fmt(r[c]) for c in cols] for _, r in cf.iterrows()],
                  "Each seed system's headline claims, with the device each number was claimed and measured on.")
 

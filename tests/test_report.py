@@ -141,6 +141,16 @@ def test_claims_table_when_claims_module_and_seeds_suite_exist(tmp_path, records
     assert "Seed claims" not in (tmp_path / "b" / "report.md").read_text()
 
 
+def test_claims_frame_error_is_shown_not_fatal(tmp_path, records, monkeypatch):
+    def broken(df):
+        raise KeyError("measured_device")
+
+    monkeypatch.setitem(sys.modules, "moebench.claims", types.SimpleNamespace(claims_frame=broken))
+    src = syn.write(tmp_path / "seeds.jsonl", [dict(r, suite="seeds") for r in records[:3]])
+    report.write(results.read([src]), tmp_path / "a", [str(src)])
+    assert "claims_frame failed: KeyError" in (tmp_path / "a" / "report.md").read_text()
+
+
 def test_claims_section_omitted_when_module_missing(tmp_path, records, monkeypatch):
     monkeypatch.setitem(sys.modules, "moebench.claims", None)  # import raises ImportError
     seeds = [dict(r, suite="seeds") for r in records[:3]]
