@@ -60,9 +60,12 @@ def run(
         raise typer.Exit(0)
     run_id = runner.new_run_id()
     path = out_path or Path("results") / f"{Path(suite).stem}-{run_id}.jsonl"
-    if nproc > 1:
-        from moebench import distributed
-        summary = distributed.run(cases, path, nproc=nproc, resume=resume, run_id=run_id, console=err)
+    if nproc > 1 or any(c.workload.world_size > 1 or registry.get(c.backend).needs_process_group for c in cases):
+        from moebench import distributed  # torchrun workers; a case on fewer ranks than --nproc uses the first ones
+        try:
+            summary = distributed.run(cases, path, nproc=nproc, resume=resume, run_id=run_id, console=err)
+        except OSError as e:
+            _fail(str(e))
     else:
         reuse = None if worker == "auto" else worker == "reuse"
         try:

@@ -180,6 +180,9 @@ class Workload(_Strict):
     repeats: int = Field(10, ge=1)
     seed: int = 0
     train: TrainOptions | None = None            # level = "train-run" only (filled with defaults there)
+    # processes (GPUs) the case spans, for expert parallel backends; batch x seq is per rank. 1 is stored as None
+    # so it stays out of the key (exclude_none) and 1-rank keys did not change when it was added
+    ranks: int | None = Field(None, ge=1)
 
     @field_validator("routing")
     @classmethod
@@ -203,9 +206,19 @@ class Workload(_Strict):
             raise ValueError("level 'train-run' trains the router: it takes mode = 'train' and routing = 'learned'")
         return self
 
+    @field_validator("ranks")
+    @classmethod
+    def _ranks(cls, v: int | None) -> int | None:
+        return None if v == 1 else v
+
     @property
     def tokens(self) -> int:
+        """Tokens per rank (all tokens when the case runs in one process)."""
         return self.batch * self.seq
+
+    @property
+    def world_size(self) -> int:
+        return self.ranks or 1
 
 
 class Case(_Strict):
@@ -249,7 +262,7 @@ class Case(_Strict):
         w = self.workload
         opts = "".join(f",{k}={v}" for k, v in sorted(self.backend_options.items()))
         return (f"{self.model.name} | {self.backend}{opts} | {w.level}/{w.mode} {w.dtype} "
-                f"T={w.tokens} {w.routing}")
+                f"T={w.tokens} {w.routing}" + (f" ranks={w.ranks}" if w.ranks else ""))
 
 
 def _moeforge(name: str, D: int, H: int, L: int, E: int, K: int = 2) -> ModelSpec:
