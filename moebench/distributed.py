@@ -26,6 +26,7 @@ Both use the same backend and options; `weak_local` / `strong_local` compare wit
 from __future__ import annotations
 
 import faulthandler
+import gc
 import json
 import math
 import os
@@ -507,19 +508,23 @@ def measure(case: Case, device: torch.device) -> dict:
         torch.cuda.reset_peak_memory_stats()
     with ep.recording(device) as rec:
         _phase("measure: warm-up")
-        for i in range(w.warmup):
-            step(i)
+        n_warm = _warm_up_together(step, w.warmup, device, group)
         _phase("measure: timed steps")
         timer, outs = _Timer(device), []
-        for i in range(w.repeats):
-            if flush is not None:
-                flush.fill_(float(i))
-            rec.step = i
-            timer.start()
-            outs.append(step(w.warmup + i))
-            timer.stop()
-        rec.step = -1
-        step_ms = timer.ms()
+        gc.collect()
+        gc.disable()  # no collector pauses inside the timed steps
+        try:
+            for i in range(w.repeats):
+                if flush is not None:
+                    flush.fill_(float(i))
+                rec.step = i
+                timer.start()
+                outs.append(step(n_warm + i))
+                timer.stop()
+            rec.step = -1
+            step_ms = timer.ms()
+        finally:
+            gc.enable()
         spans = rec.read()
         rows = [x for x in rec.rows if x[0] >= 0]
     a2a_ms = [0.0] * w.repeats
@@ -528,7 +533,7 @@ def measure(case: Case, device: torch.device) -> dict:
         if s >= 0:
             a2a_ms[s] += ms
             kinds.setdefault(kind, [0.0] * w.repeats)[s] += ms
-    mine = {"rank": r, "tokens": w.tokens, "step_ms": step_ms, "a2a_ms": a2a_ms, "a2a_ms_by_kind": kinds,
+    mine = {"rank": r, "tokens": w.tokens, "step_ms": step_ms, "warmup_steps": n_warm, "a2a_ms": a2a_ms, "a2a_ms_by_kind": kinds,
             "rows_received": float(np.mean([x[1] for x in rows])) if rows else 0.0,
             "rows_sent_remote": float(np.mean([x[2] for x in rows])) if rows else 0.0,
             "rows_received_remote": float(np.mean([x[3] for x in rows])) if rows else 0.0,
@@ -537,6 +542,27 @@ def measure(case: Case, device: torch.device) -> dict:
     gathered = [None] * R if r == 0 else None
     dist.gather_object(mine, gathered, dst=0, group=group)
     return _merge(case, gathered, device) if r == 0 else {"rank": r}
+
+
+def _warm_up_together(step, n: int, device: torch.device, group) -> int:
+    """harness._warm_up with one count for all ranks (they meet in collectives every step): at least n steps and,
+    on CUDA, at least WARMUP_MIN_S seconds, the ranks agreeing after each extra step (all-reduce MAX)."""
+    import torch.distributed as dist
+
+    from moebench.harness import WARMUP_MIN_S
+    t0, i = time.perf_counter(), 0
+    while True:
+        step(i)
+        i += 1
+        if i < n:
+            continue
+        if device.type != "cuda" or i >= 200:
+            return i
+        torch.cuda.synchronize()
+        more = torch.tensor([int(time.perf_counter() - t0 < WARMUP_MIN_S)], device=device)
+        dist.all_reduce(more, op=dist.ReduceOp.MAX, group=group)
+        if not more.item():
+            return i
 
 
 def _merge(case: Case, per: list[dict], device: torch.device) -> dict:
@@ -558,7 +584,7 @@ def _merge(case: Case, per: list[dict], device: torch.device) -> dict:
     remote_bytes = np.mean([p["rows_sent_remote"] for p in per]) * spec.d_model * torch.empty((), dtype=getattr(
         torch, w.dtype)).element_size()
     m["ep"] = {
-        "ranks": R, "tokens_per_rank": T, "tokens_global": R * T,
+        "ranks": R, "tokens_per_rank": T, "tokens_global": R * T, "warmup_steps": per[0]["warmup_steps"],
         "a2a_share": float(np.mean(share)),
         "a2a_ms": float(np.mean([pr["a2a_ms"]["p50"] for pr in per_rank])),
         "a2a_ms_by_kind": {k: float(np.mean([pr["a2a_ms_by_kind"].get(k, 0.0) for pr in per_rank]))
@@ -574,6 +600,8 @@ def _merge(case: Case, per: list[dict], device: torch.device) -> dict:
     peak_key = "peak_allocated_gib" if device.type == "cuda" else "peak_rss_gib"
     m["memory"] = dict(max((p["memory"] for p in per), key=lambda mm: mm.get(peak_key, 0.0)))
     m["memory"]["note"] = "the largest rank's; per rank in ep.per_rank (each holds the full replicated weights)"
+    if os.environ.get("MOEBENCH_PROFILE_DIR"):
+        m["profile"] = "not taken: --profile covers single-process cases only"
     counts_SLE = [[np.sum([p["counts"][i] for p in per], axis=0).tolist()] for i in range(w.repeats)]
     m["balance"] = metrics.balance_block(counts_SLE)  # the global load: every rank's router counts summed
     return m
