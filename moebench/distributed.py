@@ -412,6 +412,8 @@ def parity(case: Case) -> dict:
     backend, naive = get(case.backend), get("naive")
     spec, w = case.model, case.workload
     dev, dt = torch.device(case.device), DTYPES[w.dtype]
+    if dev.type == "cuda":  # this rank's GPU, for the generator as for the tensors
+        dev = torch.device("cuda", torch.cuda.current_device())
     ref_dt = torch.float64 if dt == torch.float32 else torch.float32
     T, D, Fh, E, K = w.tokens, spec.d_model, spec.d_expert, spec.n_experts, spec.top_k
     g = torch.Generator(device=dev).manual_seed(w.seed + 12345)
