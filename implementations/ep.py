@@ -63,8 +63,9 @@ def current_group():
 
 def experts_per_rank(E: int, R: int) -> int:
     if E % R:
+        valid = ", ".join(str(d) for d in range(1, E + 1) if E % d == 0)
         raise ValueError(f"ep: n_experts ({E}) must be divisible by the number of ranks ({R}) to shard experts "
-                         f"evenly; valid rank counts for E={E}: {', '.join(str(d) for d in range(1, E + 1) if E % d == 0)}")
+                         f"evenly; valid rank counts for E={E}: {valid}")
     return E // R
 
 

@@ -535,7 +535,8 @@ def measure(case: Case, device: torch.device) -> dict:
         if s >= 0:
             a2a_ms[s] += ms
             kinds.setdefault(kind, [0.0] * w.repeats)[s] += ms
-    mine = {"rank": r, "tokens": w.tokens, "step_ms": step_ms, "warmup_steps": n_warm, "a2a_ms": a2a_ms, "a2a_ms_by_kind": kinds,
+    mine = {"rank": r, "tokens": w.tokens, "step_ms": step_ms, "warmup_steps": n_warm, "a2a_ms": a2a_ms,
+            "a2a_ms_by_kind": kinds,
             "rows_received": float(np.mean([x[1] for x in rows])) if rows else 0.0,
             "rows_sent_remote": float(np.mean([x[2] for x in rows])) if rows else 0.0,
             "rows_received_remote": float(np.mean([x[3] for x in rows])) if rows else 0.0,
@@ -547,24 +548,24 @@ def measure(case: Case, device: torch.device) -> dict:
 
 
 def _warm_up_together(step, n: int, device: torch.device, group) -> int:
-    """harness._warm_up with one count for all ranks (they meet in collectives every step): at least n steps and,
-    on CUDA, at least WARMUP_MIN_S seconds, the ranks agreeing after each extra step (all-reduce MAX)."""
+    """harness._warm_up with one count for all ranks (they meet in collectives every step): n steps and, on CUDA,
+    more until WARMUP_MIN_S seconds have passed on every rank (all-reduce MAX of "not yet"), at most 200."""
     import torch.distributed as dist
 
     from moebench.harness import WARMUP_MIN_S
-    t0, i = time.perf_counter(), 0
-    while True:
+    t0 = time.perf_counter()
+    for i in range(n):
         step(i)
-        i += 1
-        if i < n:
-            continue
-        if device.type != "cuda" or i >= 200:
-            return i
+    i = n
+    while device.type == "cuda" and i < 200:
         torch.cuda.synchronize()
         more = torch.tensor([int(time.perf_counter() - t0 < WARMUP_MIN_S)], device=device)
         dist.all_reduce(more, op=dist.ReduceOp.MAX, group=group)
         if not more.item():
-            return i
+            break
+        step(i)
+        i += 1
+    return i
 
 
 def _merge(case: Case, per: list[dict], device: torch.device) -> dict:

@@ -1,9 +1,9 @@
 """Expert parallelism on CPU with gloo, 2 processes.
 
-1. implementations/ep.py (ep and ep-dedup) against naive on the unsharded layer over the global batch (float64 reference): the
-   output and every gradient (x, p, w1, w2) of each rank, for every local backend, with uneven token counts per
-   rank and with a routing that sends every slot to rank 0 (rank 1 receives nothing); E not divisible by the
-   ranks is a clear error.
+1. implementations/ep.py (ep and ep-dedup) against naive on the unsharded layer over the global batch (float64
+   reference): the output and every gradient (x, p, w1, w2) of each rank, for every local backend, with uneven
+   token counts per rank and with a routing that sends every slot to rank 0 (rank 1 receives nothing); E not
+   divisible by the ranks is a clear error.
 2. `moebench run --suite <tiny ep suite> --nproc 2 --device cpu` end to end: ok records for 1 and 2 ranks with
    the EP metrics and scaling efficiency, skipped cases with their reason, a rank that hangs is a `timeout`
    naming where each rank was, the suite goes on in a new launch, and a rank that raises there is `failed` with
