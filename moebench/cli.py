@@ -35,6 +35,8 @@ def run(
     list_cases: bool = typer.Option(False, "--list-cases", help="print the expanded cases and exit"),
     no_report: bool = typer.Option(False, "--no-report", help="do not render the report after the run"),
     nproc: int = typer.Option(1, "--nproc", help="processes per case (expert parallel suites)", min=1),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="after timing each case, profile 3 steps "
+                                           "with torch.profiler and write the top ops to DIR/<case_key>.txt"),
 ):
     """Run a suite: one record per case, appended to the results file as each case ends."""
     from moebench import registry, runner
@@ -58,6 +60,9 @@ def run(
         for c in cases:
             out.print(f"{c.key}  {c.label}", highlight=False)
         raise typer.Exit(0)
+    if profile is not None:
+        import os
+        os.environ["MOEBENCH_PROFILE_DIR"] = str(profile.resolve())  # inherited by the worker processes
     run_id = runner.new_run_id()
     path = out_path or Path("results") / f"{Path(suite).stem}-{run_id}.jsonl"
     if nproc > 1 or any(c.workload.world_size > 1 or registry.get(c.backend).needs_process_group for c in cases):
@@ -89,8 +94,12 @@ def run(
             report = None
         if report is not None:
             rdir = Path("reports") / summary.out.stem
-            report.render([summary.out], rdir)
-            err.print(f"report: {rdir / 'index.html'}")
+            try:
+                report.render([summary.out], rdir)
+                err.print(f"report: {rdir / 'index.html'}")
+            except Exception as e:  # noqa: BLE001 - the records are safe; say so rather than a traceback
+                err.print(f"[yellow]report not rendered[/] ({type(e).__name__}: {escape(str(e))}); the results "
+                          f"are in {summary.out}: try `moebench report {summary.out} -o {rdir}`")
 
 
 @app.command()
