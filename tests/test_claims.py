@@ -235,7 +235,7 @@ def test_scaling_suite_axes():
     assert len({c.model.layer_flops_per_token() for c in e_axis}) == 1
     # naive only at the small end
     assert all(c.workload.tokens <= 4096 for c in cs if c.backend == "naive")
-    assert len(cs) <= 40
+    assert len(cs) <= 45  # 43 ran in 112 s on the H100 (results/h100/scaling.jsonl)
 
 
 def test_h100_suite_has_issue_8_shapes():
