@@ -26,7 +26,6 @@ Both use the same backend and options; `weak_local` / `strong_local` compare wit
 from __future__ import annotations
 
 import faulthandler
-import gc
 import json
 import math
 import os
@@ -474,7 +473,7 @@ def measure(case: Case, device: torch.device) -> dict:
     import torch.distributed as dist
 
     from implementations import ep
-    from moebench.harness import DTYPES, L2_FLUSH_BYTES, _memory, _Timer
+    from moebench.harness import DTYPES, L2_FLUSH_BYTES, _memory, timed_steps
     from moebench.routing import synthetic_idx
     group, R, r = _group()
     w, spec = case.workload, case.model
@@ -512,21 +511,9 @@ def measure(case: Case, device: torch.device) -> dict:
         _phase("measure: warm-up")
         n_warm = _warm_up_together(step, w.warmup, device, group)
         _phase("measure: timed steps")
-        timer, outs = _Timer(device), []
-        gc.collect()
-        gc.disable()  # no collector pauses inside the timed steps
-        try:
-            for i in range(w.repeats):
-                if flush is not None:
-                    flush.fill_(float(i))
-                rec.step = i
-                timer.start()
-                outs.append(step(n_warm + i))
-                timer.stop()
-            rec.step = -1
-            step_ms = timer.ms()
-        finally:
-            gc.enable()
+        step_ms, outs = timed_steps(step, n_warm, w.repeats, device, flush,
+                                    before=lambda i: setattr(rec, "step", i))
+        rec.step = -1
         spans = rec.read()
         rows = [x for x in rec.rows if x[0] >= 0]
     a2a_ms = [0.0] * w.repeats

@@ -205,19 +205,7 @@ def measure(case: Case, device: torch.device) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     n_warm = _warm_up(step, w.warmup, device)
-    timer, outs = _Timer(device), []
-    gc.collect()
-    gc.disable()  # no collector pauses inside the timed steps
-    try:
-        for i in range(w.repeats):
-            if flush is not None:
-                flush.fill_(float(i))
-            timer.start()
-            outs.append(step(n_warm + i))
-            timer.stop()
-        step_ms = timer.ms()
-    finally:
-        gc.enable()
+    step_ms, outs = timed_steps(step, n_warm, w.repeats, device, flush)
     counts = [[c.tolist() for c in routes_of(o)] for o in outs]
     losses = [float(o["loss"]) for o in outs if isinstance(o, dict) and "loss" in o]
     for i, v in enumerate(losses):
@@ -252,6 +240,27 @@ def _profile(step, i0: int, device: torch.device, case: Case) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{case.label}\n3 steps\n" + prof.key_averages().table(sort_by=sort, row_limit=30))
     return str(path)
+
+
+def timed_steps(step, first: int, repeats: int, device: torch.device, flush=None, before=None):
+    """The timed region: `repeats` calls of step(i), each between two CUDA events (perf_counter on CPU), the
+    collector off, L2 flushed before each step when a flush buffer is given (outside the events), and
+    before(i) called first when given. Returns (step_ms, outputs)."""
+    timer, outs = _Timer(device), []
+    gc.collect()
+    gc.disable()  # no collector pauses inside the timed steps
+    try:
+        for i in range(repeats):
+            if flush is not None:
+                flush.fill_(float(i))
+            if before is not None:
+                before(i)
+            timer.start()
+            outs.append(step(first + i))
+            timer.stop()
+        return timer.ms(), outs
+    finally:
+        gc.enable()
 
 
 def _warm_up(step, n: int, device: torch.device) -> int:
