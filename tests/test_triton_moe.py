@@ -156,6 +156,31 @@ def test_recompute_settings(in_process, monkeypatch):
         moe.moe_forward(*inputs[:5], recompute=50)
 
 
+def test_descriptor_path(in_process, monkeypatch):
+    """D and F multiples of 64 (after padding): down and dX run on the tensor-descriptor kernel, recompute=100
+    keeps x[tok] in sorted-row order (T*K rows of D more than recompute=0 keeps beside h) and both dW GEMMs
+    read sorted operands; still equal to the float64 reference."""
+    monkeypatch.setattr(moe, "POISON", True)
+    T, D, F, E, K = 40, 64, 64, 3, 2  # expert 0 hot: 40 rows = 2 row tiles, 1 full + 1 tail chunk
+    inputs = make_inputs(T, D, F, E, K, seed=11, hot=0)
+    ref = run(naive, *inputs, torch.float64)
+    calls = []
+    for name in ("rows_gemm_tma", "wgrad_tma", "wgrad"):
+        orig = getattr(moe.Launcher, name)
+        monkeypatch.setattr(moe.Launcher, name,
+                            lambda self, *a, _o=orig, _n=name, **k: (calls.append(_n), _o(self, *a, **k))[1])
+    got = run(moe.moe_forward, *inputs, torch.float32, recompute=100)
+    errs = {n: rel(g, r) for n, g, r in zip(NAMES, got, ref)}
+    assert max(errs.values()) <= 1e-5, errs
+    assert sorted(calls) == ["rows_gemm_tma", "rows_gemm_tma", "wgrad_tma", "wgrad_tma"], calls
+    x = inputs[0].clone().requires_grad_()
+    saved = {}
+    for recompute in (0, 100):
+        y = moe.moe_forward(x, inputs[1], inputs[2], inputs[3], inputs[4], recompute=recompute)
+        saved[recompute] = sum(t.numel() for t in y.grad_fn.saved_tensors if t is not None)
+    assert saved[100] - saved[0] == T * K * (2 * F + D)
+
+
 def test_forward_without_grad_saves_nothing(in_process):
     x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, _ = make_inputs(9, 24, 20, 3, 2, seed=3)
     with torch.no_grad():

@@ -60,10 +60,22 @@ def _cols(pid_n, N, BN: tl.constexpr, EVEN_N: tl.constexpr):
     return cols, cols_ld
 
 
+@_helper
+def _copy_rows(src_ptr, src_rows, dst_ptr, dst_rows, row_ok, ncols, stride_src, stride_dst,
+               BM: tl.constexpr, BK: tl.constexpr):
+    """dst[dst_rows] = src[src_rows] over all ncols columns: the gathered operand written out in sorted-row
+    order by one program per row tile (a memory pass that overlaps the other programs' GEMM work)."""
+    for c0 in range(0, ncols, BK):
+        cs = c0 + tl.arange(0, BK)
+        ok = row_ok[:, None] & (cs < ncols)[None, :]
+        v = tl.load(src_ptr + src_rows[:, None] * stride_src + cs[None, :], mask=ok, other=0.0)
+        tl.store(dst_ptr + dst_rows[:, None] * stride_dst + cs[None, :], v, mask=ok)
+
+
 @triton.jit
-def gate_up_kernel(x_ptr, w1_ptr, tok_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, a_ptr, h_ptr,
-                   D, F, n_tiles_m, stride_x, stride_w1e, stride_w1d, stride_a, stride_h,
-                   SAVE_H: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+def gate_up_kernel(x_ptr, w1_ptr, tok_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, a_ptr, h_ptr, xs_ptr,
+                   D, F, n_tiles_m, stride_x, stride_w1e, stride_w1d, stride_a, stride_h, stride_xs,
+                   SAVE_H: tl.constexpr, SAVE_X: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                    PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _grouped_pid(tl.program_id(0), n_tiles_m, tl.cdiv(F, BN), GROUP_M)
     e = tl.load(tile_e_ptr + pid_m)
@@ -72,6 +84,9 @@ def gate_up_kernel(x_ptr, w1_ptr, tok_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, a_
     rows = tl.load(tile_r0_ptr + pid_m) + tl.arange(0, BM)
     row_ok = rows < tl.load(ends_ptr + e)
     tok = tl.load(tok_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    if SAVE_X:
+        if pid_n == 0:
+            _copy_rows(x_ptr, tok, xs_ptr, rows.to(tl.int64), row_ok, D, stride_x, stride_xs, BM, BK)
     cols, cols_ld = _cols(pid_n, F, BN, EVEN_N)
     ks = tl.arange(0, BK)
     x_ptrs = x_ptr + tok[:, None] * stride_x + ks[None, :]
@@ -103,9 +118,9 @@ def gate_up_kernel(x_ptr, w1_ptr, tok_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, a_
 
 
 @triton.jit
-def rows_gemm_kernel(a_ptr, b_ptr, tok_ptr, order_ptr, p_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, out_ptr,
-                     N, Kdim, n_tiles_m, stride_a, stride_be, stride_bk, stride_bn, stride_out,
-                     GATHER_A: tl.constexpr, SCATTER: tl.constexpr, SCALE_P: tl.constexpr,
+def rows_gemm_kernel(a_ptr, b_ptr, tok_ptr, order_ptr, p_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, out_ptr, as_ptr,
+                     N, Kdim, n_tiles_m, stride_a, stride_be, stride_bk, stride_bn, stride_out, stride_as,
+                     GATHER_A: tl.constexpr, SAVE_A: tl.constexpr, SCATTER: tl.constexpr, SCALE_P: tl.constexpr,
                      EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _grouped_pid(tl.program_id(0), n_tiles_m, tl.cdiv(N, BN), GROUP_M)
@@ -117,6 +132,9 @@ def rows_gemm_kernel(a_ptr, b_ptr, tok_ptr, order_ptr, p_ptr, tile_e_ptr, tile_r
     row_ok = rows < end
     if GATHER_A:  # A rows are tokens: a = x or dy, row r reads token tok_S[r]
         rows_ld = tl.load(tok_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        if SAVE_A:
+            if pid_n == 0:
+                _copy_rows(a_ptr, rows_ld, as_ptr, rows.to(tl.int64), row_ok, Kdim, stride_a, stride_as, BM, BK)
     else:
         rows_ld = tl.minimum(rows, end - 1).to(tl.int64)
     cols, cols_ld = _cols(pid_n, N, BN, EVEN_N)
@@ -316,3 +334,102 @@ def wgrad_kernel(a_ptr, b_ptr, tok_ptr, starts_ptr, ends_ptr, out_ptr,
     out_ptrs = (out_ptr + e.to(tl.int64) * stride_oe + ms.to(tl.int64)[:, None] * stride_om
                 + ns.to(tl.int64)[None, :] * stride_on)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def wgrad_tma_kernel(a_ptr, a_desc, b_ptr, b_desc, tok_ptr, starts_ptr, ends_ptr, out_ptr,
+                     M, N, stride_ar, stride_br, stride_oe, stride_om, stride_on,
+                     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+                     PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    """wgrad_kernel with the operand that is not gathered read by tensor descriptor (TMA on Hopper): it is
+    stored row-major (rows x M or rows x N, unit column stride) in sorted-row order. Rows past the expert's end
+    are zeroed in one operand only (the gathered one, or A when neither is), which zeroes their products."""
+    tiles_m = tl.cdiv(M, BM)
+    tiles_n = tl.cdiv(N, BN)
+    pid = tl.program_id(0)
+    e = pid // (tiles_m * tiles_n)
+    pid_m, pid_n = _grouped_pid(pid % (tiles_m * tiles_n), tiles_m, tiles_n, GROUP_M)
+    start = tl.load(starts_ptr + e)
+    end = tl.load(ends_ptr + e)
+    ms, ms_ld = _cols(pid_m, M, BM, EVEN_M)
+    ns, ns_ld = _cols(pid_n, N, BN, EVEN_N)
+    a_cols = a_ptr + ms_ld.to(tl.int64)[:, None]
+    b_cols = b_ptr + ns_ld.to(tl.int64)[None, :]
+    ks = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    n_full = (end - start) // BK
+    r0 = start
+    for _ in range(n_full):
+        if GATHER_A:
+            ra = tl.load(tok_ptr + r0 + ks).to(tl.int64)
+            at = tl.load(a_cols + ra[None, :] * stride_ar)        # (BM, BK)
+        else:
+            at = a_desc.load([r0, pid_m * BM]).T                  # (BK, BM) -> (BM, BK)
+        if GATHER_B:
+            rb = tl.load(tok_ptr + r0 + ks).to(tl.int64)
+            bt = tl.load(b_cols + rb[:, None] * stride_br)        # (BK, BN)
+        else:
+            bt = b_desc.load([r0, pid_n * BN])
+        acc = _dot(at, bt, acc, PREC, UPCAST)
+        r0 += BK
+    if r0 < end:
+        r_ok = r0 + ks < end
+        r_ld = tl.minimum(r0 + ks, end - 1)
+        if GATHER_A:
+            ra = tl.load(tok_ptr + r_ld).to(tl.int64)
+            at = tl.load(a_cols + ra[None, :] * stride_ar, mask=r_ok[None, :], other=0.0)
+        else:
+            at = a_desc.load([r0, pid_m * BM]).T
+            if not GATHER_B:
+                at = tl.where(r_ok[None, :], at, tl.zeros_like(at))
+        if GATHER_B:
+            rb = tl.load(tok_ptr + r_ld).to(tl.int64)
+            bt = tl.load(b_cols + rb[:, None] * stride_br, mask=r_ok[:, None], other=0.0)
+        else:
+            bt = b_desc.load([r0, pid_n * BN])
+        acc = _dot(at, bt, acc, PREC, UPCAST)
+    out_ok = (ms < M)[:, None] & (ns < N)[None, :]
+    out_ptrs = (out_ptr + e.to(tl.int64) * stride_oe + ms.to(tl.int64)[:, None] * stride_om
+                + ns.to(tl.int64)[None, :] * stride_on)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def rows_gemm_tma_kernel(a_desc, b_desc, order_ptr, p_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, out_ptr,
+                         N, Kdim, n_tiles_m, stride_out,
+                         TRANS_B: tl.constexpr, SCATTER: tl.constexpr, SCALE_P: tl.constexpr,
+                         PREC: tl.constexpr, UPCAST: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """rows_gemm for A in sorted-row order (not gathered), both operands by tensor descriptor (TMA on Hopper).
+    a_desc: A (S x Kdim); b_desc: the weights as one 2-D view, (E*Kdim x N), or (E*N x Kdim) when TRANS_B.
+    Needs Kdim % BK == 0. Rows past the expert's end (read from the next expert) and columns past N (read
+    from the next expert's block, or zero past the tensor) only reach outputs that the store masks."""
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), n_tiles_m, tl.cdiv(N, BN), GROUP_M)
+    e = tl.load(tile_e_ptr + pid_m)
+    if e < 0:
+        return
+    end = tl.load(ends_ptr + e)
+    r0 = tl.load(tile_r0_ptr + pid_m)
+    rows = r0 + tl.arange(0, BM)
+    row_ok = rows < end
+    cols = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, Kdim, BK):
+        at = a_desc.load([r0, k0])
+        if TRANS_B:
+            bt = b_desc.load([e * N + pid_n * BN, k0]).T
+        else:
+            bt = b_desc.load([e * Kdim + k0, pid_n * BN])
+        acc = _dot(at, bt, acc, PREC, UPCAST)
+    if SCATTER or SCALE_P:
+        slot = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    if SCALE_P:
+        acc = acc * tl.load(p_ptr + slot, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    if SCATTER:
+        out_rows = slot
+    else:
+        out_rows = rows.to(tl.int64)
+    out_ok = row_ok[:, None] & (cols < N)[None, :]
+    tl.store(out_ptr + out_rows[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=out_ok)

@@ -29,6 +29,15 @@ CONFIGS = {
     "bwd_act": [Cfg(64, 128, 64, 8, 8, 3), Cfg(128, 64, 64, 8, 8, 3)],
     # dW: 4-warp 128x128 tiles won every shape on the H100 (8-warp 128x256 ran at 290-460 TFLOP/s, see notes)
     "wgrad": [Cfg(128, 128, 32, 8, 4, 5), Cfg(128, 128, 32, 8, 4, 7), Cfg(128, 128, 64, 8, 4, 4)],
+    # both operands by tensor descriptor (TMA): 8-warp 128x256 tiles reach 600-730 TFLOP/s on the H100 where the
+    # pointer-load kernels above stop near 500 (results/triton_dev/v6_wgrad_tma_probe_h100.log)
+    "wgrad_sorted": [Cfg(128, 256, 64, 8, 8, 4), Cfg(128, 256, 64, 8, 8, 3), Cfg(256, 128, 64, 8, 8, 3),
+                     Cfg(128, 128, 32, 8, 4, 5)],
+    "wgrad_tma": [Cfg(128, 128, 32, 8, 4, 5), Cfg(128, 128, 64, 8, 4, 4)],
+    "down_tma": [Cfg(128, 256, 64, 8, 8, 3), Cfg(128, 256, 64, 8, 8, 4), Cfg(256, 128, 64, 8, 8, 3),
+                 Cfg(128, 128, 64, 8, 4, 4)],
+    "dx_tma": [Cfg(128, 256, 64, 8, 8, 3), Cfg(128, 256, 64, 8, 8, 4), Cfg(256, 128, 64, 8, 8, 3),
+               Cfg(128, 128, 64, 8, 4, 4)],
 }
 INTERPRET_CFG = Cfg(32, 32, 32, 2, 1, 1)
 FP32_CFG = Cfg(64, 64, 32, 8, 4, 2)  # fp32 on CUDA is a correctness path (ieee dots): one config, untuned
