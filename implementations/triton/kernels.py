@@ -73,9 +73,9 @@ def _copy_rows(src_ptr, src_rows, dst_ptr, dst_rows, row_ok, ncols, stride_src, 
 
 
 @triton.jit
-def gate_up_kernel(x_ptr, w1_ptr, tok_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, a_ptr, h_ptr, xs_ptr,
+def gate_up_kernel(x_ptr, w1_ptr, w1_desc, tok_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, a_ptr, h_ptr, xs_ptr,
                    D, F, n_tiles_m, stride_x, stride_w1e, stride_w1d, stride_a, stride_h, stride_xs,
-                   SAVE_H: tl.constexpr, SAVE_X: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                   SAVE_H: tl.constexpr, SAVE_X: tl.constexpr, W_DESC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                    PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _grouped_pid(tl.program_id(0), n_tiles_m, tl.cdiv(F, BN), GROUP_M)
     e = tl.load(tile_e_ptr + pid_m)
@@ -94,7 +94,11 @@ def gate_up_kernel(x_ptr, w1_ptr, tok_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, a_
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, D, BK):
-        if EVEN_K:
+        if W_DESC:  # weights by tensor descriptor over W1 as (E*D, 2F); needs D % BK == 0
+            xt = tl.load(x_ptrs)
+            wg = w1_desc.load([e * D + k0, pid_n * BN])
+            wu = w1_desc.load([e * D + k0, F + pid_n * BN])
+        elif EVEN_K:
             xt = tl.load(x_ptrs)
             wg = tl.load(wg_ptrs)
             wu = tl.load(wg_ptrs + F)
@@ -118,9 +122,9 @@ def gate_up_kernel(x_ptr, w1_ptr, tok_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, a_
 
 
 @triton.jit
-def rows_gemm_kernel(a_ptr, b_ptr, tok_ptr, order_ptr, p_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, out_ptr, as_ptr,
-                     N, Kdim, n_tiles_m, stride_a, stride_be, stride_bk, stride_bn, stride_out, stride_as,
-                     GATHER_A: tl.constexpr, SAVE_A: tl.constexpr, SCATTER: tl.constexpr, SCALE_P: tl.constexpr,
+def rows_gemm_kernel(a_ptr, b_ptr, b_desc, tok_ptr, order_ptr, p_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, out_ptr,
+                     as_ptr, N, Kdim, n_tiles_m, stride_a, stride_be, stride_bk, stride_bn, stride_out, stride_as,
+                     GATHER_A: tl.constexpr, SAVE_A: tl.constexpr, B_DESC: tl.constexpr, TRANS_B: tl.constexpr, SCATTER: tl.constexpr, SCALE_P: tl.constexpr,
                      EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _grouped_pid(tl.program_id(0), n_tiles_m, tl.cdiv(N, BN), GROUP_M)
@@ -143,7 +147,13 @@ def rows_gemm_kernel(a_ptr, b_ptr, tok_ptr, order_ptr, p_ptr, tile_e_ptr, tile_r
     b_ptrs = b_ptr + e.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols_ld[None, :] * stride_bn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, Kdim, BK):
-        if EVEN_K:
+        if B_DESC:  # B by tensor descriptor, as in rows_gemm_tma_kernel; needs Kdim % BK == 0
+            at = tl.load(a_ptrs)
+            if TRANS_B:
+                bt = b_desc.load([e * N + pid_n * BN, k0]).T
+            else:
+                bt = b_desc.load([e * Kdim + k0, pid_n * BN])
+        elif EVEN_K:
             at = tl.load(a_ptrs)
             bt = tl.load(b_ptrs)
         else:

@@ -12,6 +12,8 @@ recomputes g,u inside bwd_act's D loop (2*S*D*2F more GEMM flops; no S x 2F tens
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from implementations.triton import tuning
@@ -72,6 +74,11 @@ def _prec(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
 
 
+def _desc(t: torch.Tensor, block: list[int]):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor.from_tensor(t, block)
+
+
 def _opts(cfg):
     return {"BM": cfg.BM, "BN": cfg.BN, "BK": cfg.BK, "GROUP_M": cfg.GROUP_M, "num_warps": cfg.num_warps,
                 "num_stages": cfg.num_stages}
@@ -94,6 +101,9 @@ class Launcher:
         # (the padding gives that) so that every K step is a full block and every row stride is 16-byte aligned
         cap_ok = self.interpret or torch.cuda.get_device_capability(x_TD.device)[0] >= 9
         self.tma = cap_ok and self.D % 64 == 0 and self.F % 64 == 0
+        # the kernels that gather A rows (gate_up, dA') read their weights by descriptor too, unless
+        # MOEBENCH_TRITON_WDESC=0 (an A/B switch for benchmarks; both paths are tested)
+        self.wdesc = self.tma and os.environ.get("MOEBENCH_TRITON_WDESC", "1") != "0"
 
     def _run(self, kind, variant, launch):
         cfg = tuning.pick(kind, self.key + variant, launch, self.interpret, self.dtype == torch.float32)
@@ -107,14 +117,17 @@ class Launcher:
         h_SF2 = _empty(x_TD, R.S, 2 * F) if save_h else a_SF
         xs_SD = _empty(x_TD, R.S, D) if save_x else a_SF
 
+        w_desc = self.wdesc
+
         def launch(cfg):
             tile_e, tile_r0, n = R.schedule(cfg.BM)
+            desc = _desc(w1_EDF2.view(self.E * D, 2 * F), [cfg.BK, cfg.BN]) if w_desc else None
             self.kn.gate_up_kernel[(n * _cdiv(F, cfg.BN),)](
-                x_TD, w1_EDF2, R.tok_S, tile_e, tile_r0, R.ends_E, a_SF, h_SF2, xs_SD,
+                x_TD, w1_EDF2, desc, R.tok_S, tile_e, tile_r0, R.ends_E, a_SF, h_SF2, xs_SD,
                 D, F, n, x_TD.stride(0), w1_EDF2.stride(0), w1_EDF2.stride(1), a_SF.stride(0), h_SF2.stride(0),
-                xs_SD.stride(0), SAVE_H=save_h, SAVE_X=save_x, EVEN_K=D % cfg.BK == 0, EVEN_N=F % cfg.BN == 0, PREC=self.prec, UPCAST=self.upcast, **_opts(cfg))
+                xs_SD.stride(0), SAVE_H=save_h, SAVE_X=save_x, W_DESC=w_desc, EVEN_K=D % cfg.BK == 0, EVEN_N=F % cfg.BN == 0, PREC=self.prec, UPCAST=self.upcast, **_opts(cfg))
 
-        self._run("gate_up", (save_h, save_x), launch)
+        self._run("gate_up", (save_h, save_x, w_desc), launch)
         return a_SF, (h_SF2 if save_h else None), (xs_SD if save_x else None)
 
     def rows_gemm(self, kind, a_XK, b_EXN, transpose_b: bool, p_S, out_SN, gather_a=False, scatter=True,
@@ -130,18 +143,21 @@ class Launcher:
         N = b_EXN.shape[1] if transpose_b else b_EXN.shape[2]
         s_bk, s_bn = (b_EXN.stride(2), b_EXN.stride(1)) if transpose_b else (b_EXN.stride(1), b_EXN.stride(2))
         scale = p_S is not None
+        b_desc = self.wdesc and Kdim % 64 == 0  # (gathered A here: B alone by tensor descriptor)
+        b_2d = b_EXN.reshape(self.E * b_EXN.shape[1], b_EXN.shape[2])
 
         def launch(cfg):
             tile_e, tile_r0, n = R.schedule(cfg.BM)
+            desc = _desc(b_2d, [cfg.BN, cfg.BK] if transpose_b else [cfg.BK, cfg.BN]) if b_desc else None
             self.kn.rows_gemm_kernel[(n * _cdiv(N, cfg.BN),)](
-                a_XK, b_EXN, R.tok_S, R.order_S, p_S if scale else a_XK, tile_e, tile_r0, R.ends_E, out_SN,
+                a_XK, b_EXN, desc, R.tok_S, R.order_S, p_S if scale else a_XK, tile_e, tile_r0, R.ends_E, out_SN,
                 a_XK if save_a is None else save_a,
                 N, Kdim, n, a_XK.stride(0), b_EXN.stride(0), s_bk, s_bn, out_SN.stride(0),
                 a_XK.stride(0) if save_a is None else save_a.stride(0),
-                GATHER_A=gather_a, SAVE_A=save_a is not None, SCATTER=scatter, SCALE_P=scale, EVEN_K=Kdim % cfg.BK == 0,
+                GATHER_A=gather_a, SAVE_A=save_a is not None, B_DESC=b_desc, TRANS_B=transpose_b, SCATTER=scatter, SCALE_P=scale, EVEN_K=Kdim % cfg.BK == 0,
                 EVEN_N=N % cfg.BN == 0, PREC=self.prec, UPCAST=self.upcast, **_opts(cfg))
 
-        self._run(kind, (save_a is not None,) if save_a is not None else (), launch)
+        self._run(kind, (save_a is not None, b_desc), launch)
         return out_SN
 
     def rows_gemm_tma(self, kind, a_SK, b_EXN, transpose_b: bool, p_S, out_SN, scatter=True):
