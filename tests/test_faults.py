@@ -210,7 +210,7 @@ def interrupted_run(args, pidfile, sig, env, cwd) -> str:
         wait_for(lambda: pidfile.exists() or proc.poll() is not None, 120, "the hanging case to start")
         assert proc.poll() is None, proc.communicate()
         os.kill(proc.pid, sig)
-        _, stderr = proc.communicate(timeout=30)
+        _, stderr = proc.communicate(timeout=120)  # a loaded 2-core CI machine: 30 s timed out twice (one suspect: a slow exit)
     finally:
         if proc.poll() is None:
             proc.kill()
