@@ -1,0 +1,106 @@
+"""Where a layer-level training step spends its GPU time: the harness's own step (router, top-k, backend,
+combine; as the suites time it), event-timed, then under torch.profiler.
+
+For each (preset, backend) it prints and writes to $OUT/profile_layer.json:
+  step_ms   median of --reps event-timed steps (L2 flushed before each, as the harness does)
+  busy_ms   sum of kernel time per step from the profiler (3 steps averaged)
+  idle_ms   step_ms - busy_ms: the GPU waiting on the host (launch gaps, syncs)
+  kernels   per kernel name: ms per step, calls per step, share of the step
+  sync      whether a step syncs with the host (torch.cuda.set_sync_debug_mode("error"))
+
+  python benchmarks/profile_layer.py [--presets mixtral-layer,coarse-32x2-layer] [--backends grouped_mm,triton:100]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moebench import envinfo, harness  # noqa: E402
+from moebench.registry import get  # noqa: E402
+from moebench.spec import Case, Workload, preset  # noqa: E402
+
+SEQ = {"fine-128x8-layer": 24576, "mid-64x4-layer": 24576, "coarse-32x2-layer": 24576}
+
+
+def parse_backend(s: str):
+    name, _, rc = s.partition(":")
+    return name, ({"recompute": int(rc)} if rc else {})
+
+
+def profile_one(name: str, backend: str, opts: dict, reps: int, routing: str) -> dict:
+    dev = torch.device("cuda")
+    case = Case(model=preset(name), backend=backend, backend_options=opts, device="cuda",
+                workload=Workload(level="layer", mode="train", batch=1, seq=SEQ.get(name, 16384),
+                                  dtype="bfloat16", routing=routing))
+    be = get(backend)
+    step, _, _ = harness._layer_step(case, be, {**be.options, **opts}, dev, torch.bfloat16)
+    n = harness._warm_up(step, 3, dev)
+    flush = torch.empty(harness.L2_FLUSH_BYTES // 4, device=dev)
+    step_ms, _ = harness.timed_steps(step, n, reps, dev, flush)
+    torch.cuda.synchronize()
+    sync = "ok"
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(n + reps)
+    except RuntimeError as e:
+        sync = f"syncs: {str(e).splitlines()[0][:160]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    steps = 3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            step(n + reps + 1 + i)
+        torch.cuda.synchronize()
+    kern: dict[str, list] = {}
+    for ev in prof.key_averages():
+        if ev.self_device_time_total > 0:
+            kern[ev.key] = [ev.self_device_time_total / 1e3 / steps, ev.count / steps]
+    busy = sum(v[0] for v in kern.values())
+    med = statistics.median(step_ms)
+    top = sorted(kern.items(), key=lambda kv: -kv[1][0])
+    return {"preset": name, "backend": backend, "options": opts, "routing": routing, "T": case.workload.tokens,
+            "step_ms": med, "step_ms_all": step_ms, "busy_ms": busy, "idle_ms": med - busy, "sync": sync,
+            "kernels": [{"name": k[:140], "ms": v[0], "calls": v[1], "share": v[0] / med} for k, v in top]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--presets", default="mixtral-layer,coarse-32x2-layer,olmoe-layer")
+    ap.add_argument("--backends", default="grouped_mm,triton:100")
+    ap.add_argument("--routing", default="uniform")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--top", type=int, default=14)
+    args = ap.parse_args()
+    env = envinfo.collect("cuda")
+    out = []
+    for name in args.presets.split(","):
+        for b in args.backends.split(","):
+            backend, opts = parse_backend(b)
+            try:
+                r = profile_one(name, backend, opts, args.reps, args.routing)
+            except Exception as e:  # keep the other cases
+                r = {"preset": name, "backend": backend, "options": opts, "error": f"{type(e).__name__}: {e}"}
+                print(f"== {name} {b}: FAILED {r['error'][:300]}", flush=True)
+                out.append(r)
+                continue
+            out.append(r)
+            print(f"== {name} {b} ({r['routing']}, T={r['T']}): step {r['step_ms']:.2f} ms, kernels {r['busy_ms']:.2f} ms,"
+                  f" idle {r['idle_ms']:.2f} ms, host sync: {r['sync']}", flush=True)
+            for k in r["kernels"][:args.top]:
+                print(f"   {k['ms']:8.3f} ms {k['calls']:5.1f}x {100 * k['share']:5.1f}%  {k['name'][:100]}")
+            torch.cuda.empty_cache()
+    dest = Path(os.environ.get("OUT", ".")) / "profile_layer.json"
+    dest.write_text(json.dumps({"env": env, "cases": out}, indent=1))
+    print(f"wrote {dest}")
+
+
+if __name__ == "__main__":
+    main()
