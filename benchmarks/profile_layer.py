@@ -78,6 +78,7 @@ def main():
     ap.add_argument("--routing", default="uniform")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--tag", default="", help="suffix of the output file: profile_layer<tag>.json")
     args = ap.parse_args()
     env = envinfo.collect("cuda")
     out = []
@@ -97,8 +98,9 @@ def main():
             for k in r["kernels"][:args.top]:
                 print(f"   {k['ms']:8.3f} ms {k['calls']:5.1f}x {100 * k['share']:5.1f}%  {k['name'][:100]}")
             torch.cuda.empty_cache()
-    dest = Path(os.environ.get("OUT", ".")) / "profile_layer.json"
-    dest.write_text(json.dumps({"env": env, "cases": out}, indent=1))
+    dest = Path(os.environ.get("OUT", ".")) / f"profile_layer{args.tag}.json"
+    switches = {k: v for k, v in os.environ.items() if k.startswith("MOEBENCH_")}
+    dest.write_text(json.dumps({"env": env, "switches": switches, "cases": out}, indent=1))
     print(f"wrote {dest}")
 
 

@@ -156,23 +156,29 @@ def test_recompute_settings(in_process, monkeypatch):
         moe.moe_forward(*inputs[:5], recompute=50)
 
 
-def test_descriptor_path(in_process, monkeypatch):
+@pytest.mark.parametrize("pregather", ["1", "0"])
+def test_descriptor_path(in_process, monkeypatch, pregather):
     """D and F multiples of 64 (after padding): down and dX run on the tensor-descriptor kernel, recompute=100
     keeps x[tok] in sorted-row order (T*K rows of D more than recompute=0 keeps beside h) and both dW GEMMs
-    read sorted operands; still equal to the float64 reference."""
+    read sorted operands; with pregather (the default) gate_up and dA' also read sorted copies by descriptor,
+    without it they gather and write the copies themselves; still equal to the float64 reference."""
     monkeypatch.setattr(moe, "POISON", True)
+    monkeypatch.setenv("MOEBENCH_TRITON_PREGATHER", pregather)
     T, D, F, E, K = 40, 64, 64, 3, 2  # expert 0 hot: 40 rows = 2 row tiles, 1 full + 1 tail chunk
     inputs = make_inputs(T, D, F, E, K, seed=11, hot=0)
     ref = run(naive, *inputs, torch.float64)
     calls = []
-    for name in ("rows_gemm_tma", "wgrad_tma", "wgrad"):
+    for name in ("rows_gemm_tma", "wgrad_tma", "wgrad", "gate_up_sorted", "gate_up"):
         orig = getattr(moe.Launcher, name)
         monkeypatch.setattr(moe.Launcher, name,
                             lambda self, *a, _o=orig, _n=name, **k: (calls.append(_n), _o(self, *a, **k))[1])
     got = run(moe.moe_forward, *inputs, torch.float32, recompute=100)
     errs = {n: rel(g, r) for n, g, r in zip(NAMES, got, ref)}
     assert max(errs.values()) <= 1e-5, errs
-    assert sorted(calls) == ["rows_gemm_tma", "rows_gemm_tma", "wgrad_tma", "wgrad_tma"], calls
+    if pregather == "1":
+        assert sorted(calls) == ["gate_up_sorted"] + ["rows_gemm_tma"] * 3 + ["wgrad_tma"] * 2, calls
+    else:
+        assert sorted(calls) == ["gate_up"] + ["rows_gemm_tma"] * 2 + ["wgrad_tma"] * 2, calls
     x = inputs[0].clone().requires_grad_()
     saved = {}
     for recompute in (0, 100):

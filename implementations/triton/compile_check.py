@@ -22,22 +22,41 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 BF16 = "*bf16"
 SM90 = GPUTarget("cuda", 90, 64)
 VARIANTS = {  # kind: (kernel, {arg: type}, {constexpr: value})
-    "gate_up": (kn.gate_up_kernel, {"x_ptr": BF16, "w1_ptr": BF16, "a_ptr": BF16, "h_ptr": BF16}, {"SAVE_H": True}),
-    "gate_up_nosave": (kn.gate_up_kernel, {"x_ptr": BF16, "w1_ptr": BF16, "a_ptr": BF16, "h_ptr": BF16},
-                       {"SAVE_H": False}),
-    "down": (kn.rows_gemm_kernel, {"a_ptr": BF16, "b_ptr": BF16, "p_ptr": BF16, "out_ptr": BF16},
-             {"GATHER_A": False, "SCATTER": True, "SCALE_P": True}),
-    "dx": (kn.rows_gemm_kernel, {"a_ptr": BF16, "b_ptr": BF16, "p_ptr": BF16, "out_ptr": BF16},
-           {"GATHER_A": False, "SCATTER": True, "SCALE_P": False}),
-    "dact": (kn.rows_gemm_kernel, {"a_ptr": BF16, "b_ptr": BF16, "p_ptr": BF16, "out_ptr": BF16},
-             {"GATHER_A": True, "SCATTER": False, "SCALE_P": False}),
+    "gate_up": (kn.gate_up_kernel, {"x_ptr": BF16, "w1_desc": lambda c: _td(c.BK, c.BN), "a_ptr": BF16,
+                                    "h_ptr": BF16, "xs_ptr": BF16}, {"SAVE_H": True, "SAVE_X": True, "W_DESC": True}),
+    "gate_up_nosave": (kn.gate_up_kernel, {"x_ptr": BF16, "w1_desc": lambda c: _td(c.BK, c.BN), "a_ptr": BF16,
+                                           "h_ptr": BF16, "xs_ptr": BF16},
+                       {"SAVE_H": False, "SAVE_X": False, "W_DESC": True}),
+    "down": (kn.rows_gemm_kernel, {"a_ptr": BF16, "b_ptr": BF16, "p_ptr": BF16, "out_ptr": BF16, "as_ptr": BF16},
+             {"GATHER_A": False, "SAVE_A": False, "B_DESC": False, "TRANS_B": False, "SCATTER": True,
+              "SCALE_P": True}),
+    "dx": (kn.rows_gemm_kernel, {"a_ptr": BF16, "b_ptr": BF16, "p_ptr": BF16, "out_ptr": BF16, "as_ptr": BF16},
+           {"GATHER_A": False, "SAVE_A": False, "B_DESC": False, "TRANS_B": True, "SCATTER": True,
+            "SCALE_P": False}),
+    "dact": (kn.rows_gemm_kernel, {"a_ptr": BF16, "b_desc": lambda c: _td(c.BN, c.BK), "p_ptr": BF16,
+                                   "out_ptr": BF16, "as_ptr": BF16},
+             {"GATHER_A": True, "SAVE_A": True, "B_DESC": True, "TRANS_B": True, "SCATTER": False,
+              "SCALE_P": False}),
     "bwd_act": (kn.bwd_act_kernel, {"dy_ptr": BF16, "x_ptr": BF16, "w1_ptr": BF16, "w2_ptr": BF16, "p_ptr": BF16,
                                         "dh_ptr": BF16, "ap_ptr": BF16, "dp_ptr": "*fp32"}, {}),
     "wgrad": (kn.wgrad_kernel, {"a_ptr": BF16, "b_ptr": BF16, "out_ptr": BF16},  # unit strides: as the JIT specialises
               {"GATHER_A": True, "GATHER_B": False, "stride_am": 1, "stride_bn": 1, "stride_on": 1}),
     "wgrad_kmajor": (kn.wgrad_kernel, {"a_ptr": BF16, "b_ptr": BF16, "out_ptr": BF16},
                      {"GATHER_A": False, "GATHER_B": True, "stride_ar": 1, "stride_bn": 1, "stride_om": 1}),
+    # tensor-descriptor kernels: a descriptor's type names its block shape, which depends on the config
+    "gate_up_tma": (kn.gate_up_tma_kernel, {"xs_desc": lambda c: _td(c.BM, c.BK), "w1_desc": lambda c: _td(c.BK, c.BN),
+                                            "a_ptr": BF16, "h_ptr": BF16}, {"SAVE_H": True}),
+    "down_tma": (kn.rows_gemm_tma_kernel, {"a_desc": lambda c: _td(c.BM, c.BK), "b_desc": lambda c: _td(c.BK, c.BN),
+                                           "p_ptr": BF16, "out_ptr": BF16},
+                 {"TRANS_B": False, "SCATTER": True, "SCALE_P": True}),
+    "dact_tma": (kn.rows_gemm_tma_kernel, {"a_desc": lambda c: _td(c.BM, c.BK), "b_desc": lambda c: _td(c.BN, c.BK),
+                                           "p_ptr": BF16, "out_ptr": BF16},
+                 {"TRANS_B": True, "SCATTER": False, "SCALE_P": False}),
 }
+
+
+def _td(rows, cols):
+    return f"tensordesc<bf16[{rows}, {cols}]>"
 
 
 def compile_one(kind, cfg, target=SM90):
@@ -50,6 +69,8 @@ def compile_one(kind, cfg, target=SM90):
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
+        elif callable(ptr_types.get(name)):
+            sig[name] = ptr_types[name](cfg)
         elif name.endswith("_ptr"):
             sig[name] = ptr_types.get(name, "*i32")
             attrs[(i,)] = [["tt.divisibility", 16]]

@@ -2,15 +2,18 @@
 
 Legend: T tokens, D model dim, F expert hidden, E experts, K top-k, S = T*K slots.
 Rows are (token, expert) slots in expert-sorted order: sorted row r reads token tok_S[r], is slot
-order_S[r] (= t*K + k) and belongs to expert e with starts_E[e] <= r < ends_E[e].
+order_S[r] (= t*K + k), belongs to expert e with starts_E[e] <= r < ends_E[e], and has the k-major output row
+orow_S[r] = k*T + t (rows_gemm scatters there, so the per-token sum over k runs over the outermost dim).
 Row-tiled kernels run over a block schedule: program tile m covers rows tile_r0[m] .. +BM of expert
 tile_e[m] (-1 marks a spare tile of the fixed-size grid, which exits at once).
 
 Kernels (all accumulate in fp32; PREC is tl.dot's input_precision, "ieee" for fp32 inputs;
 UPCAST is set under the interpreter only, see _dot):
   gate_up   a_SF = silu(x[tok] @ Wg) * (x[tok] @ Wu)          gather fused into the A load; SwiGLU epilogue
-  rows_gemm out = A_rows @ B_e, optionally A rows gathered (x/dy[tok]), times p, stored in slot order:
-            down (a_SF @ W2 * p, slot order), dX (dH_SF2 @ W1^T, slot order), dA' (dy[tok] @ W2^T, sorted rows)
+  gate_up_tma  the same from xs_SD = x[tok] already in sorted-row order, both operands by tensor descriptor
+  rows_gemm out = A_rows @ B_e, optionally A rows gathered (x/dy[tok]), times p, stored at k-major rows:
+            down (a_SF @ W2 * p), dX (dH_SF2 @ W1^T); dA' (dy[tok] @ W2^T, sorted rows, not scattered)
+  rows_gemm_tma  rows_gemm for A in sorted-row order, both operands by tensor descriptor
   swiglu_bwd elementwise SwiGLU backward from saved h and dA' (recompute=100 path)
   schedule  the block schedule (tile -> expert, first row) on the device
   bwd_act   fused dA' = dy[tok] @ W2^T and recomputed g,u = x[tok] @ W1 in the same D loop (recompute=0);
@@ -122,7 +125,41 @@ def gate_up_kernel(x_ptr, w1_ptr, w1_desc, tok_ptr, tile_e_ptr, tile_r0_ptr, end
 
 
 @triton.jit
-def rows_gemm_kernel(a_ptr, b_ptr, b_desc, tok_ptr, order_ptr, p_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, out_ptr,
+def gate_up_tma_kernel(xs_desc, w1_desc, tile_e_ptr, tile_r0_ptr, ends_ptr, a_ptr, h_ptr,
+                       D, F, n_tiles_m, stride_a, stride_h,
+                       SAVE_H: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """gate_up_kernel for x rows already in sorted-row order (xs_SD = x[tok]): both operands by tensor
+    descriptor (TMA on Hopper). xs_desc: (S x D); w1_desc: W1 as (E*D x 2F). Needs D % BK == 0. Rows past the
+    expert's end and columns past F (the up half, or zero past the tensor) reach only masked-out outputs."""
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), n_tiles_m, tl.cdiv(F, BN), GROUP_M)
+    e = tl.load(tile_e_ptr + pid_m)
+    if e < 0:
+        return
+    r0 = tl.load(tile_r0_ptr + pid_m)
+    rows = r0 + tl.arange(0, BM)
+    row_ok = rows < tl.load(ends_ptr + e)
+    cols = pid_n * BN + tl.arange(0, BN)
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        xt = xs_desc.load([r0, k0])
+        wg = w1_desc.load([e * D + k0, pid_n * BN])
+        wu = w1_desc.load([e * D + k0, F + pid_n * BN])
+        acc_g = _dot(xt, wg, acc_g, PREC, UPCAST)
+        acc_u = _dot(xt, wu, acc_u, PREC, UPCAST)
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    rows64 = rows.to(tl.int64)
+    out_ok = row_ok[:, None] & (cols < F)[None, :]
+    tl.store(a_ptr + rows64[:, None] * stride_a + cols[None, :], act.to(a_ptr.dtype.element_ty), mask=out_ok)
+    if SAVE_H:
+        h_ptrs = h_ptr + rows64[:, None] * stride_h + cols[None, :]
+        tl.store(h_ptrs, acc_g.to(h_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(h_ptrs + F, acc_u.to(h_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def rows_gemm_kernel(a_ptr, b_ptr, b_desc, tok_ptr, orow_ptr, p_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, out_ptr,
                      as_ptr, N, Kdim, n_tiles_m, stride_a, stride_be, stride_bk, stride_bn, stride_out, stride_as,
                      GATHER_A: tl.constexpr, SAVE_A: tl.constexpr, B_DESC: tl.constexpr, TRANS_B: tl.constexpr, SCATTER: tl.constexpr, SCALE_P: tl.constexpr,
                      EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -164,11 +201,11 @@ def rows_gemm_kernel(a_ptr, b_ptr, b_desc, tok_ptr, order_ptr, p_ptr, tile_e_ptr
         a_ptrs += BK
         b_ptrs += BK * stride_bk
     if SCATTER or SCALE_P:
-        slot = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    if SCALE_P:
-        acc = acc * tl.load(p_ptr + slot, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    if SCATTER:  # output in slot order (t*K + k), ready for the per-token sum over k
-        out_rows = slot
+        orow = tl.load(orow_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    if SCALE_P:  # p in the same k-major order as the output rows
+        acc = acc * tl.load(p_ptr + orow, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    if SCATTER:  # output row k*T + t (k-major): the sum over k is then over the outermost dim
+        out_rows = orow
     else:
         out_rows = rows.to(tl.int64)
     out_ok = row_ok[:, None] & (cols < N)[None, :]
@@ -406,7 +443,7 @@ def wgrad_tma_kernel(a_ptr, a_desc, b_ptr, b_desc, tok_ptr, starts_ptr, ends_ptr
 
 
 @triton.jit
-def rows_gemm_tma_kernel(a_desc, b_desc, order_ptr, p_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, out_ptr,
+def rows_gemm_tma_kernel(a_desc, b_desc, orow_ptr, p_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, out_ptr,
                          N, Kdim, n_tiles_m, stride_out,
                          TRANS_B: tl.constexpr, SCATTER: tl.constexpr, SCALE_P: tl.constexpr,
                          PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -433,11 +470,11 @@ def rows_gemm_tma_kernel(a_desc, b_desc, order_ptr, p_ptr, tile_e_ptr, tile_r0_p
             bt = b_desc.load([e * Kdim + k0, pid_n * BN])
         acc = _dot(at, bt, acc, PREC, UPCAST)
     if SCATTER or SCALE_P:
-        slot = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        orow = tl.load(orow_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     if SCALE_P:
-        acc = acc * tl.load(p_ptr + slot, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        acc = acc * tl.load(p_ptr + orow, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     if SCATTER:
-        out_rows = slot
+        out_rows = orow
     else:
         out_rows = rows.to(tl.int64)
     out_ok = row_ok[:, None] & (cols < N)[None, :]

@@ -2,10 +2,10 @@
 
 Legend: T tokens, D model dim, F expert hidden, E experts, K top-k, S = T*K slots (slot s = t*K + k).
 Forward:  sort slots by expert (device, no host sync) -> gate_up (gather x rows, SwiGLU epilogue) -> a_SF
-          -> rows_gemm (a @ W2, times p, stored in slot order) -> o_SD -> y_TD = o.view(T, K, D).sum(1).
+          -> rows_gemm (a @ W2, times p, stored at k-major rows k*T + t) -> o_SD -> y_TD = o.view(K, T, D).sum(0).
 Backward: recompute=100: rows_gemm dA' = dy[tok] @ W2^T, swiglu_bwd(h, dA') -> dH_SF2, ap_SF = p*a, dp;
           recompute=0: bwd_act (dA' and recomputed g,u = x[tok] @ W1 in one D loop, SwiGLU grad epilogue)
-          -> wgrad dW2 = ap^T dy[tok] -> rows_gemm dX_s = dH @ W1^T in slot order, summed over K
+          -> wgrad dW2 = ap^T dy[tok] -> rows_gemm dX_s = dH @ W1^T at k-major rows, summed over K
           -> wgrad dW1 = x[tok]^T dH.
 recompute=100 keeps h_SF2 = [x W_g | x W_u] from the forward; recompute=0 keeps only the inputs and
 recomputes g,u inside bwd_act's D loop (2*S*D*2F more GEMM flops; no S x 2F tensor kept or made).
@@ -54,6 +54,8 @@ class Routing:
         self.ends_E = torch.searchsorted(sorted_S, experts_E, right=True, out_int32=True)
         self.order_S = order_S.to(torch.int32)                                  # sorted row -> slot
         self.tok_S = torch.div(self.order_S, self.K, rounding_mode="floor")   # sorted row -> token
+        # sorted row -> k-major output row k*T + t (down and dX scatter there; p_KT is indexed by it too)
+        self.orow_S = self.tok_S if self.K == 1 else (self.order_S - self.tok_S * self.K) * self.T + self.tok_S
         self._sched: dict[int, tuple] = {}
 
     def schedule(self, BM: int):
@@ -104,6 +106,10 @@ class Launcher:
         # the kernels that gather A rows (gate_up, dA') read their weights by descriptor too, unless
         # MOEBENCH_TRITON_WDESC=0 (an A/B switch for benchmarks; both paths are tested)
         self.wdesc = self.tma and os.environ.get("MOEBENCH_TRITON_WDESC", "1") != "0"
+        # recompute=100 training: x[tok] and dy[tok] are copied to sorted-row order first (torch index_select),
+        # and gate_up and dA' read them by descriptor; MOEBENCH_TRITON_PREGATHER=0 gathers inside those two
+        # GEMMs instead (their first column-tile programs write the sorted copies for the dW GEMMs)
+        self.pregather = self.tma and os.environ.get("MOEBENCH_TRITON_PREGATHER", "1") != "0"
 
     def _run(self, kind, variant, launch):
         cfg = tuning.pick(kind, self.key + variant, launch, self.interpret, self.dtype == torch.float32)
@@ -130,10 +136,26 @@ class Launcher:
         self._run("gate_up", (save_h, save_x, w_desc), launch)
         return a_SF, (h_SF2 if save_h else None), (xs_SD if save_x else None)
 
+    def gate_up_sorted(self, xs_SD, w1_EDF2, save_h: bool):
+        """gate_up from xs_SD = x[tok] already in sorted-row order, both operands by tensor descriptor."""
+        R, D, F = self.R, self.D, self.F
+        a_SF = _empty(xs_SD, R.S, F)
+        h_SF2 = _empty(xs_SD, R.S, 2 * F) if save_h else a_SF
+
+        def launch(cfg):
+            tile_e, tile_r0, n = R.schedule(cfg.BM)
+            self.kn.gate_up_tma_kernel[(n * _cdiv(F, cfg.BN),)](
+                _desc(xs_SD, [cfg.BM, cfg.BK]), _desc(w1_EDF2.view(self.E * D, 2 * F), [cfg.BK, cfg.BN]),
+                tile_e, tile_r0, R.ends_E, a_SF, h_SF2, D, F, n, a_SF.stride(0), h_SF2.stride(0),
+                SAVE_H=save_h, PREC=self.prec, UPCAST=self.upcast, **_opts(cfg))
+
+        self._run("gate_up_tma", (save_h,), launch)
+        return a_SF, (h_SF2 if save_h else None)
+
     def rows_gemm(self, kind, a_XK, b_EXN, transpose_b: bool, p_S, out_SN, gather_a=False, scatter=True,
                   save_a=None):
-        """out = a[row] @ B_e (* p[slot]); B_e = b_EXN[e] (K x N) or b_EXN[e]^T when transpose_b.
-        gather_a: a is token-indexed (row r reads tok_S[r]); scatter: out row = slot, else sorted row;
+        """out = a[row] @ B_e (* p_KT[orow]); B_e = b_EXN[e] (K x N) or b_EXN[e]^T when transpose_b.
+        gather_a: a is token-indexed (row r reads tok_S[r]); scatter: out row = orow_S[r] (k*T + t), else r;
         save_a (with gather_a): an (S x K) buffer that receives a[tok] in sorted-row order.
         A in sorted-row order goes to the tensor-descriptor kernel where it can (see Launcher.tma)."""
         if self.tma and not gather_a:
@@ -150,7 +172,7 @@ class Launcher:
             tile_e, tile_r0, n = R.schedule(cfg.BM)
             desc = _desc(b_2d, [cfg.BN, cfg.BK] if transpose_b else [cfg.BK, cfg.BN]) if b_desc else None
             self.kn.rows_gemm_kernel[(n * _cdiv(N, cfg.BN),)](
-                a_XK, b_EXN, desc, R.tok_S, R.order_S, p_S if scale else a_XK, tile_e, tile_r0, R.ends_E, out_SN,
+                a_XK, b_EXN, desc, R.tok_S, R.orow_S, p_S if scale else a_XK, tile_e, tile_r0, R.ends_E, out_SN,
                 a_XK if save_a is None else save_a,
                 N, Kdim, n, a_XK.stride(0), b_EXN.stride(0), s_bk, s_bn, out_SN.stride(0),
                 a_XK.stride(0) if save_a is None else save_a.stride(0),
@@ -174,7 +196,7 @@ class Launcher:
             a_desc = TensorDescriptor.from_tensor(a_SK, [cfg.BM, cfg.BK])
             b_desc = TensorDescriptor.from_tensor(b_2d, [cfg.BN, cfg.BK] if transpose_b else [cfg.BK, cfg.BN])
             self.kn.rows_gemm_tma_kernel[(n * _cdiv(N, cfg.BN),)](
-                a_desc, b_desc, R.order_S, p_S if scale else a_SK, tile_e, tile_r0, R.ends_E, out_SN,
+                a_desc, b_desc, R.orow_S, p_S if scale else a_SK, tile_e, tile_r0, R.ends_E, out_SN,
                 N, Kdim, n, out_SN.stride(0), TRANS_B=transpose_b, SCATTER=scatter, SCALE_P=scale,
                 PREC=self.prec, UPCAST=self.upcast, **_opts(cfg))
 
@@ -262,15 +284,19 @@ class ExpertBlock(torch.autograd.Function):
         kn = kernels(not x_TD.is_cuda)
         R = Routing(idx_TK, w1_EDF2.shape[0], kn)
         L = Launcher(x_TD, w1_EDF2, R)
-        p_S = p_TK.reshape(-1)
+        p_KT = p_TK.t().contiguous().view(-1)  # k-major, as the output rows of down
         keep = save_h and for_backward  # recompute=100 training: keep h and x[tok] in sorted-row order
-        a_SF, h_SF2, xs_SD = L.gate_up(x_TD, w1_EDF2, keep, save_x=keep and L.tma)
-        o_SD = L.rows_gemm("down", a_SF, w2_EFD, False, p_S, _empty(x_TD, R.S, L.D))
+        if keep and L.pregather:
+            xs_SD = x_TD.index_select(0, R.tok_S)
+            a_SF, h_SF2 = L.gate_up_sorted(xs_SD, w1_EDF2, True)
+        else:
+            a_SF, h_SF2, xs_SD = L.gate_up(x_TD, w1_EDF2, keep, save_x=keep and L.tma)
+        o_SD = L.rows_gemm("down", a_SF, w2_EFD, False, p_KT, _empty(x_TD, R.S, L.D))
         del a_SF
         if for_backward:
             ctx.R, ctx.L = R, L
             ctx.save_for_backward(x_TD, p_TK, w1_EDF2, w2_EFD, h_SF2, xs_SD)
-        return o_SD.view(R.T, R.K, L.D).sum(1)
+        return _sum_k(o_SD, R)
 
     @staticmethod
     def backward(ctx, dy_TD):
@@ -282,9 +308,13 @@ class ExpertBlock(torch.autograd.Function):
         if h_SF2 is not None:  # recompute=100: plain GEMM for dA', then the elementwise SwiGLU backward
             # with xs_SD kept, dA' also writes dy[tok] in sorted-row order: both dW GEMMs then read contiguous
             # operands by tensor descriptor (gathered dW operands cost 20-40% of the dW rate on the H100)
-            dys_SD = _empty(x_TD, R.S, L.D) if xs_SD is not None and need_w2 else None
-            da_SF = L.rows_gemm("dact", dy_TD, w2_EFD, True, None, _empty(x_TD, R.S, L.F), gather_a=True,
-                                scatter=False, save_a=dys_SD)
+            if xs_SD is not None and L.pregather:
+                dys_SD = dy_TD.index_select(0, R.tok_S)
+                da_SF = L.rows_gemm_tma("dact", dys_SD, w2_EFD, True, None, _empty(x_TD, R.S, L.F), scatter=False)
+            else:
+                dys_SD = _empty(x_TD, R.S, L.D) if xs_SD is not None and need_w2 else None
+                da_SF = L.rows_gemm("dact", dy_TD, w2_EFD, True, None, _empty(x_TD, R.S, L.F), gather_a=True,
+                                    scatter=False, save_a=dys_SD)
             dh_SF2, ap_SF, dp_S = L.swiglu_bwd(h_SF2, da_SF, p_S)
             del da_SF
         else:
@@ -300,7 +330,7 @@ class ExpertBlock(torch.autograd.Function):
         dx = None
         if need_x:
             dx_SD = L.rows_gemm("dx", dh_SF2, w1_EDF2, True, None, _empty(x_TD, R.S, L.D))
-            dx = dx_SD.view(R.T, R.K, L.D).sum(1)
+            dx = _sum_k(dx_SD, R)
             del dx_SD
         dw1 = None
         if need_w1:
@@ -311,6 +341,11 @@ class ExpertBlock(torch.autograd.Function):
                 L.wgrad(x_TD, dh_SF2, True, False, dw1)
         dp = dp_S.view(R.T, R.K).to(p_TK.dtype) if need_p else None
         return dx, None, dp, dw1, dw2, None, None
+
+
+def _sum_k(o_SD, R: Routing):
+    """Per-token sum over k of rows stored k-major (row k*T + t): a reduction over the outermost dim."""
+    return o_SD.view(R.K, R.T, o_SD.shape[1]).sum(0) if R.K > 1 else o_SD
 
 
 PAD_TO = 64  # F and D are zero-padded to a multiple of this (weights copied) so every tile is full and aligned
