@@ -241,3 +241,17 @@ def test_sonicmoe_adapter_layout():
     assert rel(y_TD, naive(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD)) <= 1e-5
     if importlib.util.find_spec("sonicmoe") is None:
         assert get("sonicmoe").why_not("cuda", "bfloat16") == "sonic-moe not installed"
+
+
+def test_pregather_auto_by_F(in_process, monkeypatch):
+    """Unforced, x[tok]/dy[tok] are copied before gate_up / dA' only when F >= PREGATHER_MIN_F; the switch forces."""
+    monkeypatch.delenv("MOEBENCH_TRITON_PREGATHER", raising=False)
+    kn = moe.kernels(True)
+    R = moe.Routing(torch.zeros(4, 1, dtype=torch.long), 1, kn)
+    x = torch.randn(4, 64)
+    big, small = torch.empty(1, 64, 2 * moe.PREGATHER_MIN_F), torch.empty(1, 64, 2 * 64)
+    assert moe.Launcher(x, big, R).pregather and not moe.Launcher(x, small, R).pregather
+    monkeypatch.setenv("MOEBENCH_TRITON_PREGATHER", "0")
+    assert not moe.Launcher(x, big, R).pregather
+    monkeypatch.setenv("MOEBENCH_TRITON_PREGATHER", "1")
+    assert moe.Launcher(x, small, R).pregather
