@@ -59,6 +59,15 @@ def profile_one(name: str, backend: str, opts: dict, reps: int, routing: str) ->
         for i in range(steps):
             step(n + reps + 1 + i)
         torch.cuda.synchronize()
+    # the kernel timeline: gaps between consecutive kernels (GPU idle inside and between the profiled steps)
+    evs = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                 key=lambda e: e.time_range.start)
+    gaps = []
+    for prev, nxt in zip(evs, evs[1:]):
+        g = (nxt.time_range.start - prev.time_range.end) / 1e3
+        if g > 0.005:
+            gaps.append({"ms": g, "after": prev.name[:80], "before": nxt.name[:80]})
+    span = (evs[-1].time_range.end - evs[0].time_range.start) / 1e3 / steps if evs else 0.0
     kern: dict[str, list] = {}
     for ev in prof.key_averages():
         if ev.self_device_time_total > 0:
@@ -68,6 +77,8 @@ def profile_one(name: str, backend: str, opts: dict, reps: int, routing: str) ->
     top = sorted(kern.items(), key=lambda kv: -kv[1][0])
     return {"preset": name, "backend": backend, "options": opts, "routing": routing, "T": case.workload.tokens,
             "step_ms": med, "step_ms_all": step_ms, "busy_ms": busy, "idle_ms": med - busy, "sync": sync,
+            "profiled_span_ms": span, "gap_ms_per_step": sum(g["ms"] for g in gaps) / steps,
+            "top_gaps": sorted(gaps, key=lambda g: -g["ms"])[:8],
             "kernels": [{"name": k[:140], "ms": v[0], "calls": v[1], "share": v[0] / med} for k, v in top]}
 
 
@@ -95,6 +106,9 @@ def main():
             out.append(r)
             print(f"== {name} {b} ({r['routing']}, T={r['T']}): step {r['step_ms']:.2f} ms, kernels {r['busy_ms']:.2f} ms,"
                   f" idle {r['idle_ms']:.2f} ms, host sync: {r['sync']}", flush=True)
+            print(f"   profiled: {r['profiled_span_ms']:.2f} ms/step span, gaps {r['gap_ms_per_step']:.2f} ms/step; largest:")
+            for g in r["top_gaps"][:4]:
+                print(f"     {g['ms']:.3f} ms after {g['after'][:50]} before {g['before'][:50]}")
             for k in r["kernels"][:args.top]:
                 print(f"   {k['ms']:8.3f} ms {k['calls']:5.1f}x {100 * k['share']:5.1f}%  {k['name'][:100]}")
             torch.cuda.empty_cache()
