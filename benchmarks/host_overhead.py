@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.profile_layer import SEQ, parse_backend  # noqa: E402
-from moebench import harness  # noqa: E402
-from moebench.registry import get  # noqa: E402
-from moebench.spec import Case, Workload, preset  # noqa: E402
+from benchmarks.profile_layer import SEQ, parse_backend
+from moebench import harness
+from moebench.registry import get
+from moebench.spec import Case, Workload, preset
 
 
 def main():

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("MOEBENCH_TRITON_TUNE", "0")
-from implementations.triton import moe  # noqa: E402
+from implementations.triton import moe
 
 
 def host_us(fn, n):

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moebench import envinfo, harness  # noqa: E402
-from moebench.registry import get  # noqa: E402
-from moebench.spec import Case, Workload, preset  # noqa: E402
+from moebench import envinfo, harness
+from moebench.registry import get
+from moebench.spec import Case, Workload, preset
 
 SEQ = {"fine-128x8-layer": 24576, "mid-64x4-layer": 24576, "coarse-32x2-layer": 24576}
 
