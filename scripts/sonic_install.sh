@@ -3,11 +3,13 @@
 # scripts/sonic_stage.sh, staged .sonicA/ in /tmp): add .sonicB/'s second half of the libs-base wheel, check it, and
 # install every wheel into /tmp/site (--target: no .pth, so cutlass is linked in at the top and python_packages is put
 # on the path too). opt/ holds fallbacks (cuda-bindings, cuda-pathfinder, einops) installed only if not importable.
-# Writes /tmp/sonic_env.sh; use: source /tmp/sonic_env.sh   usage (carry .sonicB): bash scripts/sonic_install.sh
+# Writes /tmp/sonic_env.sh; use: source /tmp/sonic_env.sh   usage (carry .sonicB .sonicC .whl): bash scripts/sonic_install.sh
 set -euo pipefail
 STAGE=${SONIC_STAGE:-/tmp/sonic_stage}; SITE=${SONIC_SITE:-/tmp/site}
 [[ -f $STAGE/SHA256 ]] || { echo "sonic_install: no $STAGE: run scripts/sonic_stage.sh first (same warm machine)" >&2; exit 1; }
 [[ -f .sonicB/cutlass_libs.part_ab ]] && cp .sonicB/cutlass_libs.part_ab "$STAGE/"
+# .sonicC/ (carried beside .sonicB: .sonicA plus the tree outgrew one 64 MiB carry) holds the cuda-bindings fallback
+if compgen -G ".sonicC/*.whl" > /dev/null; then mkdir -p "$STAGE/opt" && cp .sonicC/*.whl "$STAGE/opt/"; fi
 cd "$STAGE"
 whl=$(awk '{print $2}' SHA256)
 sha256sum -c --quiet SHA256 >/dev/null 2>&1 || { cat cutlass_libs.part_a? > "$whl" && sha256sum -c --quiet SHA256; } \
