@@ -75,6 +75,19 @@ def _copy_rows(src_ptr, src_rows, dst_ptr, dst_rows, row_ok, ncols, stride_src, 
         tl.store(dst_ptr + dst_rows[:, None] * stride_dst + cs[None, :], v, mask=ok)
 
 
+@_helper
+def _swiglu_store(acc_g, acc_u, rows, row_ok, cols, F, a_ptr, h_ptr, stride_a, stride_h, SAVE_H: tl.constexpr):
+    """gate_up's epilogue: a = silu(g) * u at (rows, cols), and h = [g | u] when SAVE_H; cols >= F masked."""
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    rows64 = rows.to(tl.int64)
+    out_ok = row_ok[:, None] & (cols < F)[None, :]
+    tl.store(a_ptr + rows64[:, None] * stride_a + cols[None, :], act.to(a_ptr.dtype.element_ty), mask=out_ok)
+    if SAVE_H:
+        h_ptrs = h_ptr + rows64[:, None] * stride_h + cols[None, :]
+        tl.store(h_ptrs, acc_g.to(h_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(h_ptrs + F, acc_u.to(h_ptr.dtype.element_ty), mask=out_ok)
+
+
 @triton.jit
 def gate_up_kernel(x_ptr, w1_ptr, w1_desc, tok_ptr, tile_e_ptr, tile_r0_ptr, ends_ptr, a_ptr, h_ptr, xs_ptr,
                    D, F, n_tiles_m, stride_x, stride_w1e, stride_w1d, stride_a, stride_h, stride_xs,
@@ -114,14 +127,7 @@ def gate_up_kernel(x_ptr, w1_ptr, w1_desc, tok_ptr, tile_e_ptr, tile_r0_ptr, end
         acc_u = _dot(xt, wu, acc_u, PREC, UPCAST)
         x_ptrs += BK
         wg_ptrs += BK * stride_w1d
-    act = acc_g * tl.sigmoid(acc_g) * acc_u
-    rows64 = rows.to(tl.int64)
-    out_ok = row_ok[:, None] & (cols < F)[None, :]
-    tl.store(a_ptr + rows64[:, None] * stride_a + cols[None, :], act.to(a_ptr.dtype.element_ty), mask=out_ok)
-    if SAVE_H:
-        h_ptrs = h_ptr + rows64[:, None] * stride_h + cols[None, :]
-        tl.store(h_ptrs, acc_g.to(h_ptr.dtype.element_ty), mask=out_ok)
-        tl.store(h_ptrs + F, acc_u.to(h_ptr.dtype.element_ty), mask=out_ok)
+    _swiglu_store(acc_g, acc_u, rows, row_ok, cols, F, a_ptr, h_ptr, stride_a, stride_h, SAVE_H)
 
 
 @triton.jit
@@ -148,14 +154,7 @@ def gate_up_tma_kernel(xs_desc, w1_desc, tile_e_ptr, tile_r0_ptr, ends_ptr, a_pt
         wu = w1_desc.load([e * D + k0, F + pid_n * BN])
         acc_g = _dot(xt, wg, acc_g, PREC, UPCAST)
         acc_u = _dot(xt, wu, acc_u, PREC, UPCAST)
-    act = acc_g * tl.sigmoid(acc_g) * acc_u
-    rows64 = rows.to(tl.int64)
-    out_ok = row_ok[:, None] & (cols < F)[None, :]
-    tl.store(a_ptr + rows64[:, None] * stride_a + cols[None, :], act.to(a_ptr.dtype.element_ty), mask=out_ok)
-    if SAVE_H:
-        h_ptrs = h_ptr + rows64[:, None] * stride_h + cols[None, :]
-        tl.store(h_ptrs, acc_g.to(h_ptr.dtype.element_ty), mask=out_ok)
-        tl.store(h_ptrs + F, acc_u.to(h_ptr.dtype.element_ty), mask=out_ok)
+    _swiglu_store(acc_g, acc_u, rows, row_ok, cols, F, a_ptr, h_ptr, stride_a, stride_h, SAVE_H)
 
 
 @triton.jit

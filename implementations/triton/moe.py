@@ -3,7 +3,9 @@
 Legend: T tokens, D model dim, F expert hidden, E experts, K top-k, S = T*K slots (slot s = t*K + k).
 Forward:  sort slots by expert (device, no host sync) -> gate_up (gather x rows, SwiGLU epilogue) -> a_SF
           -> rows_gemm (a @ W2, times p, stored at k-major rows k*T + t) -> o_SD -> y_TD = o.view(K, T, D).sum(0).
-Backward: recompute=100: rows_gemm dA' = dy[tok] @ W2^T, swiglu_bwd(h, dA') -> dH_SF2, ap_SF = p*a, dp;
+          (recompute=100 training with F >= PREGATHER_MIN_F: x[tok] copied to sorted order first -> gate_up_tma)
+Backward: recompute=100: rows_gemm dA' = dy[tok] @ W2^T (pre-gathered likewise), swiglu_bwd(h, dA') -> dH_SF2,
+          ap_SF = p*a, dp;
           recompute=0: bwd_act (dA' and recomputed g,u = x[tok] @ W1 in one D loop, SwiGLU grad epilogue)
           -> wgrad dW2 = ap^T dy[tok] -> rows_gemm dX_s = dH @ W1^T at k-major rows, summed over K
           -> wgrad dW1 = x[tok]^T dH.
@@ -310,8 +312,9 @@ class ExpertBlock(torch.autograd.Function):
         dy_TD, p_S = dy_TD.contiguous(), p_TK.reshape(-1)
         dys_SD = None
         if h_SF2 is not None:  # recompute=100: plain GEMM for dA', then the elementwise SwiGLU backward
-            # with xs_SD kept, dA' also writes dy[tok] in sorted-row order: both dW GEMMs then read contiguous
-            # operands by tensor descriptor (gathered dW operands cost 20-40% of the dW rate on the H100)
+            # with xs_SD kept, dy[tok] is also made in sorted-row order (copied first with pregather, else written
+            # by the gathering dA' GEMM): both dW GEMMs then read contiguous operands by tensor descriptor
+            # (gathered dW operands cost 20-40% of the dW rate on the H100)
             if xs_SD is not None and L.pregather:
                 dys_SD = dy_TD.index_select(0, R.tok_S)
                 da_SF = L.rows_gemm_tma("dact", dys_SD, w2_EFD, True, None, _empty(x_TD, R.S, L.F), scatter=False)

@@ -37,12 +37,9 @@ CONFIGS = {
     "wgrad_sorted": [Cfg(128, 256, 64, 8, 8, 4), Cfg(128, 256, 64, 8, 8, 3), Cfg(256, 128, 64, 8, 8, 3),
                      Cfg(128, 128, 32, 8, 4, 5)],
     "wgrad_tma": [Cfg(128, 128, 32, 8, 4, 5), Cfg(128, 128, 64, 8, 4, 4)],
-    "down_tma": [Cfg(128, 256, 64, 8, 8, 3), Cfg(128, 256, 64, 8, 8, 4), Cfg(256, 128, 64, 8, 8, 3),
-                 Cfg(128, 128, 64, 8, 4, 4)],
-    "dact_tma": [Cfg(128, 256, 64, 8, 8, 3), Cfg(128, 256, 64, 8, 8, 4), Cfg(256, 128, 64, 8, 8, 3),
-                 Cfg(128, 128, 64, 8, 4, 4)],
-    "dx_tma": [Cfg(128, 256, 64, 8, 8, 3), Cfg(128, 256, 64, 8, 8, 4), Cfg(256, 128, 64, 8, 8, 3),
-               Cfg(128, 128, 64, 8, 4, 4)],
+    # rows_gemm_tma_kernel (A rows sorted, both operands by descriptor): down, dA' (pre-gathered dy) and dX
+    **{kind: [Cfg(128, 256, 64, 8, 8, 3), Cfg(128, 256, 64, 8, 8, 4), Cfg(256, 128, 64, 8, 8, 3),
+              Cfg(128, 128, 64, 8, 4, 4)] for kind in ("down_tma", "dact_tma", "dx_tma")},
 }
 INTERPRET_CFG = Cfg(32, 32, 32, 2, 1, 1)
 FP32_CFG = Cfg(64, 64, 32, 8, 4, 2)  # fp32 on CUDA is a correctness path (ieee dots): one config, untuned
