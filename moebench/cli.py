@@ -153,12 +153,12 @@ def list_(what: str = typer.Argument("all", help="backends | suites | presets | 
     dev = runner.default_device()
     if what in ("all", "backends"):
         t = Table(title=f"backends (device here: {dev})")
-        for c in ("name", "available", "dropless", "options", "description"):
+        for c in ("name", "available", "dropless", "weights", "options", "description"):
             t.add_column(c)
         for name, b in registry.all_backends().items():
             why = b.why_not(dev, "bfloat16" if dev == "cuda" else "float32")
             t.add_row(name, "[green]yes[/]" if why is None else f"[yellow]no[/]: {why}", str(b.dropless),
-                      ", ".join(f"{k}={v}" for k, v in b.options.items()), b.description)
+                      b.weight_layout, ", ".join(f"{k}={v}" for k, v in b.options.items()), b.description)
         out.print(t)
         for mod, e in registry.load_errors().items():
             out.print(f"[red]could not load {mod}[/]: {e}")

@@ -18,7 +18,7 @@ import traceback
 import torch
 
 from moebench import components, envinfo, metrics
-from moebench.model import MoEModel, build_layer
+from moebench.model import MoEModel, build_layer, in_layout
 from moebench.registry import get
 from moebench.results import make_record
 from moebench.routing import capacity_keep, dropped_fraction, synthetic_idx
@@ -131,15 +131,17 @@ def parity(case: Case) -> dict:
         keep_TK = capacity_keep(idx_TK, E, C)
         extra = {"capacity": C, "dropped_frac": 1.0 - keep_TK.float().mean().item()}
 
-    def run(fn, dtype, keep=None, **opts):
-        leaves = {k: v.detach().to(dev, dtype).requires_grad_() for k, v in base.items()}
+    def run(fn, dtype, keep=None, layout="canonical", **opts):
+        leaves = {k: v.detach().to(dev, dtype) for k, v in base.items()}
+        leaves["w1_EDF2"], leaves["w2_EFD"] = in_layout(leaves["w1_EDF2"], leaves["w2_EFD"], layout)
+        leaves = {k: v.requires_grad_() for k, v in leaves.items()}
         p_TK = leaves["p_TK"] if keep is None else leaves["p_TK"] * keep  # dropped slots weigh 0
         y = fn(leaves["x_TD"], idx_TK, p_TK, leaves["w1_EDF2"], leaves["w2_EFD"], **opts)
         y.backward(dy_TD.to(dev, dtype))
         return {"y": y.detach()} | {f"d{k.split('_')[0]}": v.grad for k, v in leaves.items()}
 
     ref = run(naive.forward, ref_dt, keep=keep_TK)
-    got = run(backend.forward, dt, **opts)
+    got = run(backend.forward, dt, layout=backend.weight_layout, **opts)  # the weights stored as when timed
     errors = {k: metrics.rel_err(got[k] if got[k] is not None else torch.zeros_like(ref[k]), ref[k]) for k in ref}
     tol = TOLERANCE[w.dtype]
     return {"ok": all(e <= tol for e in errors.values()), "errors": errors, "tol": tol,
@@ -213,7 +215,7 @@ def measure(case: Case, device: torch.device) -> dict:
             raise NonFiniteLoss(n_warm + i, v)
     ceiling = envinfo.ceiling(device)
     m = metrics.rates(step_ms, w.tokens, flops, ceiling["tflops"], metrics.datasheet_peak(envinfo.gpu_name()))
-    m |= _memory(device) | {"balance": metrics.balance_block(counts)} | extra
+    m |= _memory(device) | {"balance": metrics.balance_block(counts), "weight_layout": backend.weight_layout} | extra
     if backend.capacity is not None:
         m["dropped_frac"] = dropped_fraction(counts, backend.capacity(w.tokens, spec.top_k, spec.n_experts, **opts))
     if os.environ.get("MOEBENCH_PROFILE_DIR"):

@@ -1,7 +1,8 @@
 """The one decoder-only transformer every backend shares: RMSNorm, RoPE, GQA attention, MoE FFN
 (router -> backend -> weighted combine) with optional shared experts and first dense layers, tied
-embeddings, LM loss plus the routers' aux losses. Weights live here in the canonical layout
-(w1_EDF2 = [gate | up], w2_EFD, wr_DE), so any backend runs on the same parameters.
+embeddings, LM loss plus the routers' aux losses. Weights live here with the canonical shapes
+(w1_EDF2 = [gate | up], w2_EFD, wr_DE), so any backend runs on the same parameters; the expert weights' memory
+order is the backend's `weight_layout` (moebench.registry.WEIGHT_LAYOUTS), the values are the same either way.
 
 Legend: B batch, S seq, T = B*S tokens, D model dim, H heads, Hkv KV heads, Dh head dim, F expert hidden,
 E experts, K top-k, V vocab.
@@ -18,6 +19,22 @@ from moebench import components
 from moebench.registry import Backend
 from moebench.routing import Router, RouterOut
 from moebench.spec import ModelSpec
+
+
+def expert_weights(E: int, D: int, Fh: int, layout: str = "canonical", **factory) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (w1_EDF2, w2_EFD) with the canonical shapes, stored in `layout`'s memory order."""
+    if layout == "canonical":
+        return torch.empty(E, D, 2 * Fh, **factory), torch.empty(E, Fh, D, **factory)
+    if layout == "linear":  # nn.Linear-style (out, in) storage, viewed transposed
+        return torch.empty(E, 2 * Fh, D, **factory).transpose(1, 2), torch.empty(E, D, Fh, **factory).transpose(1, 2)
+    raise ValueError(f"weight layout '{layout}' is not one of canonical, linear")
+
+
+def in_layout(w1_EDF2: torch.Tensor, w2_EFD: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of (w1_EDF2, w2_EFD) with the same values, stored in `layout`'s memory order."""
+    E, D, F2 = w1_EDF2.shape
+    w1, w2 = expert_weights(E, D, F2 // 2, layout, device=w1_EDF2.device, dtype=w1_EDF2.dtype)
+    return w1.copy_(w1_EDF2), w2.copy_(w2_EFD)
 
 
 class SwiGLU(nn.Module):
@@ -77,8 +94,8 @@ class MoE(nn.Module):
         D, Fh, E = spec.d_model, spec.d_expert, spec.n_experts
         self.backend, self.options, self.scale = backend, dict(backend_options or {}), spec.moe_output_scale
         self.router = Router(spec.router, D, E, spec.top_k)
-        self.w1_EDF2 = nn.Parameter(torch.empty(E, D, 2 * Fh))
-        self.w2_EFD = nn.Parameter(torch.empty(E, Fh, D))
+        w1_EDF2, w2_EFD = expert_weights(E, D, Fh, backend.weight_layout)
+        self.w1_EDF2, self.w2_EFD = nn.Parameter(w1_EDF2), nn.Parameter(w2_EFD)
         self.shared = SwiGLU(D, spec.shared_hidden) if spec.n_shared_experts else None
 
     def forward(self, x_TD) -> tuple[torch.Tensor, RouterOut]:

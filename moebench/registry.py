@@ -1,7 +1,9 @@
 """Backend registry: name -> Backend, with availability and a one-line reason when not available.
 
 A backend computes y_TD = forward(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, **options), autograd-capable.
-It owns no parameters and never times itself. Built-in backends live in implementations/; third-party
+It owns no parameters and never times itself. The weights always have those shapes; `weight_layout` picks how the
+MoE layer stores them in memory (WEIGHT_LAYOUTS), so a kernel that wants nn.Linear-style (out, in) weights gets them
+without a per-step transpose copy that a user storing weights its way would never pay. Built-in backends live in implementations/; third-party
 packages add theirs through the `moebench.backends` entry-point group (the entry point names a module
 that calls `register(...)` on import, or a Backend object). MOEBENCH_EXTRA_BACKENDS names more such modules
 (comma-separated); the test suite's fault-injection backends reach worker processes that way.
@@ -24,6 +26,13 @@ BUILTIN_MODULES = (
     "implementations.ep",
     "implementations.peers",
 )
+
+# layout -> memory order of (w1_EDF2, w2_EFD); the shapes stay canonical either way (moebench.model.expert_weights)
+WEIGHT_LAYOUTS = {
+    "canonical": "w1 (E, D, 2F) and w2 (E, F, D), contiguous",
+    "linear": "stored as nn.Linear weights (out, in): w1 memory (E, 2F, D) [gate rows; up rows], w2 memory (E, D, F); "
+              "the tensors passed are their (E, D, 2F) / (E, F, D) transposed views",
+}
 
 _REGISTRY: dict[str, "Backend"] = {}
 _LOAD_ERRORS: dict[str, str] = {}
@@ -50,6 +59,7 @@ class Backend:
     # moebench.routing.capacity_keep). Parity then checks the backend against naive on the kept slots, and
     # the record carries the dropped fraction.
     capacity: Callable[..., int] | None = None
+    weight_layout: str = "canonical"   # a key of WEIGHT_LAYOUTS: how the MoE layer stores w1/w2 for this backend
 
     def why_not(self, device: str, dtype: str, shape: dict | None = None) -> str | None:
         """None when this backend can run the case here, else a one-line reason."""
@@ -66,6 +76,9 @@ class Backend:
 
 
 def register(backend: Backend) -> Backend:
+    if backend.weight_layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"backend '{backend.name}': weight_layout '{backend.weight_layout}' is not one of "
+                         f"{', '.join(WEIGHT_LAYOUTS)}")
     _REGISTRY[backend.name] = backend
     return backend
 

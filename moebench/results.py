@@ -4,7 +4,9 @@ A record is one JSON object per case per run:
   schema, run_id, suite, case_key, label, case (full spec, backend, options, workload), status, reason,
   env (gpu, driver, cuda, torch, triton, python, host, moebench version, git commit + dirty, ceiling),
   metrics (step_ms {p20,p50,p80,samples}, tokens_per_s {p20,p50,p80}, tflops, mfu_measured, mfu_datasheet,
-  memory {peak_allocated_gib, peak_reserved_gib | peak_rss_gib}, balance {...}, parity {...}, loss_curve)
+  memory {peak_allocated_gib, peak_reserved_gib | peak_rss_gib}, balance {...}, parity {...}, loss_curve,
+  weight_layout: how the expert weights were stored, moebench.registry.WEIGHT_LAYOUTS; absent in older records =
+  canonical)
 """
 from __future__ import annotations
 
@@ -144,6 +146,7 @@ def to_frame(records: list[dict]):
             "tflops": m.get("tflops"), "mfu_measured": m.get("mfu_measured"),
             "peak_gib": mem.get("peak_allocated_gib", mem.get("peak_rss_gib")),
             "maxvio": bal.get("maxvio"), "cv": bal.get("cv"),
+            "weight_layout": m.get("weight_layout", "canonical") if m else None,
             "gpu": env.get("gpu") or env.get("cpu"), "device": env.get("device"),
             "torch": env.get("torch"), "commit": env.get("git_commit"), "source": r.get("_source"),
         })

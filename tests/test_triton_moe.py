@@ -8,7 +8,6 @@ re-runs itself in a child process with the flag set instead of skipping.
 Interpreter block sizes are 32 (tuning.INTERPRET_CFG): the shapes below are chosen around that, with D and F
 off multiples of 32, several row/column/reduction tiles, an empty expert, K=1, K=E, E=3/5/6, T=1.
 """
-import importlib.util
 import os
 import subprocess
 import sys
@@ -221,26 +220,6 @@ def test_registered_with_reasons(monkeypatch):
     assert "TRITON_INTERPRET=1" in b.why_not("cpu", "float32")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert b.why_not("cpu", "float32") is None
-
-
-def test_sonicmoe_adapter_layout():
-    """The peer adapter's weight conversion, checked against SonicMoE's documented semantics in plain torch:
-    per expert, h = x @ w1[:, :, e].T with gate/up interleaved (g = h[:, 0::2], u = h[:, 1::2]) and
-    y = (silu(g) * u) @ w2[:, :, e].T, weighted by the router scores."""
-    from implementations.peers import sonicmoe as peer
-    x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, _ = make_inputs(11, 24, 20, 5, 2, seed=11)
-    w1_F2DE, w2_DFE = peer.to_sonic_layout(w1_EDF2, w2_EFD)
-    assert w1_F2DE.shape == (40, 24, 5) and w2_DFE.shape == (24, 20, 5)
-    assert w1_F2DE.permute(2, 0, 1).is_contiguous() and w2_DFE.permute(2, 0, 1).is_contiguous()
-    y_TD = torch.zeros_like(x_TD)
-    for t in range(11):
-        for k in range(2):
-            e = int(idx_TK[t, k])
-            h = x_TD[t] @ w1_F2DE[:, :, e].T
-            y_TD[t] += p_TK[t, k] * ((torch.nn.functional.silu(h[0::2]) * h[1::2]) @ w2_DFE[:, :, e].T)
-    assert rel(y_TD, naive(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD)) <= 1e-5
-    if importlib.util.find_spec("sonicmoe") is None:
-        assert get("sonicmoe").why_not("cuda", "bfloat16") == "sonic-moe not installed"
 
 
 def test_pregather_auto_by_F(in_process, monkeypatch):

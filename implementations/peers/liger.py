@@ -9,9 +9,10 @@ liger_swiglu     torch._grouped_mm for the two expert GEMMs (as `grouped_mm`), w
 liger_fused_moe  liger_kernel.ops.fused_moe.LigerFusedMoEFunction (gather + grouped GEMM + SwiGLU +
                  down-proj + weighted combine; its backward recomputes instead of caching the T*K x D
                  down-proj output). Liger's layout is gate_up (E, 2F, D) with gate rows [0, F) and up rows
-                 [F, 2F), and down (E, D, F): the canonical w1_EDF2 / w2_EFD are passed transposed and liger
-                 copies them to contiguous memory on every call. A backend owns no parameters, so that copy
-                 is part of its cost.
+                 [F, 2F), and down (E, D, F): nn.Linear (out, in) storage, which moebench calls the `linear`
+                 weight layout. The MoE layer stores this backend's weights that way, so the transposed views
+                 passed to liger are contiguous and liger's `.contiguous()` copies nothing; weights stored
+                 canonically (direct calls) are copied by liger on every call.
                  bf16 only: its tl.dot runs fp32 inputs as TF32, which cannot meet the 1e-5 fp32 parity bound.
 liger-kernel is imported on first use only (the import takes seconds), never at registration.
 """
@@ -116,8 +117,9 @@ register(Backend(
     name="liger_fused_moe",
     forward=fused_moe_forward,
     description="liger-kernel's fused MoE (liger_kernel.ops.fused_moe: gather+grouped GEMM+SwiGLU, "
-                "recomputing backward; weights copied to its layout per call) (peer)",
+                "recomputing backward; weights stored nn.Linear-style, its own layout) (peer)",
     devices=("cuda",),
     dtypes=("bfloat16",),
     available=_available_fused_moe,
+    weight_layout="linear",
 ))
