@@ -1,4 +1,4 @@
-"""The `moebench` command: run | list | report | compare. Bad input exits 2 with one clear message."""
+"""The `moebench` command: run | paired | list | report | compare. Bad input exits 2 with one clear message."""
 from __future__ import annotations
 
 import sys
@@ -137,6 +137,73 @@ def compare(
     from moebench import compare as cmp
 
     raise typer.Exit(cmp.cli(base, new, baseline, threshold, alpha, fmt, out, err))
+
+
+@app.command()
+def paired(
+    suite: str = typer.Option(..., "--suite", "-s", help="suite name or path to a .toml"),
+    backends: str = typer.Option(..., "--backends", "-b", help="comma-separated; the first is the base the "
+                                 "others are compared with"),
+    match: Optional[list[str]] = typer.Option(None, "--match", "-m", help="keep cases whose label contains this "
+                                              "(repeatable: all must match)"),
+    exclude: Optional[list[str]] = typer.Option(None, "--exclude", "-x", help="drop cases whose label contains "
+                                                "this (repeatable)"),
+    device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu | cuda (default: cuda when available)"),
+    rounds: int = typer.Option(6, "--rounds", "-r", min=2, help="interleaved rounds (one ratio each)"),
+    steps: int = typer.Option(5, "--steps", min=1, help="timed steps per case per round"),
+    out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="write the result (JSON) here"),
+):
+    """Time backends on the same model and workload in interleaved rounds, so that each ratio comes from one
+    window of clocks, temperature and power state (time only; memory is measured by `run`)."""
+    import json
+
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from moebench import paired as pr
+    from moebench import registry, runner
+    from moebench.suite import SuiteError, load
+
+    dev = device or runner.default_device()
+    if dev not in ("cpu", "cuda"):
+        _fail(f"--device must be cpu or cuda, got '{dev}'")
+    names = _csv(backends) or []
+    try:
+        cases = load(suite, device=dev, backends=names)
+    except SuiteError as e:
+        _fail(str(e))
+    except registry.UnknownName as e:
+        _fail(f"{'--backends' if str(e).startswith('unknown backend') else '--suite'}: {e}")
+    cases = [c for c in cases if all(m in c.label for m in match or []) and not any(x in c.label for x in exclude or [])]
+    gs = pr.groups(cases, names[0])
+    if not gs:
+        _fail(f"no model/workload of suite '{suite}' has a case of base backend '{names[0]}' and another one "
+              f"after --backends/--match/--exclude ({len(cases)} case(s) left)")
+    if out_path is not None:
+        try:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.open("a").close()
+        except OSError as e:
+            _fail(f"--out: cannot write {out_path}: {e.strerror or e}")
+    with Progress(console=err, transient=True) as progress:
+        result = pr.run([c for g in gs for c in g], names[0], rounds, steps, progress)
+    t = Table(title=f"paired: {rounds} rounds x {steps} steps per case, base {names[0]}")
+    for c in ("model | workload", "backend", "status", "tok/s p50", "TFLOP/s", "x base (median of rounds)",
+              "95% CI", "rounds min..max"):
+        t.add_column(c)
+    for g in result["groups"]:
+        for e in g["cases"]:
+            ok = e["status"] == "ok"
+            rr = e.get("ratio_rounds") or []
+            ci = e.get("ratio_ci95")
+            t.add_row(g["group"], e["label"].split(" | ")[1], e["status"] if ok else f"{e['status']}: {e['reason']}",
+                      f"{e['tokens_per_s_p50']:,.0f}" if ok else "", f"{e['tflops']:.3g}" if ok else "",
+                      f"{e['ratio']:.3f}x" if ok and e.get("ratio") is not None else "",
+                      f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "", f"{min(rr):.3f}..{max(rr):.3f}" if rr else "")
+    out.print(t)
+    if out_path is not None:
+        out_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        err.print(f"wrote {out_path}", markup=False)
 
 
 @app.command("list")

@@ -1,0 +1,153 @@
+"""Paired, interleaved timing of backends on one model and workload (`moebench paired`).
+
+Cases timed one after another see different clocks, temperatures and power-cap states. On the H100, the mixtral-like
+layer's event-timed steps and the profiled steps right after them differed by -5% for triton and +7% for grouped_mm
+in the same process (results/triton_dev/v8_profile_gaps_h100.log). A ratio between two backends is only as good as
+the assumption that both saw the same GPU.
+
+Here every case of a group (same model, workload and device; different backends or options) is checked as in a suite
+run (parity against naive), warmed up, and then timed in rounds: each round runs one untimed lead-in step and then
+`steps` timed steps of every case in turn. The order is rotated from round to round, so each round gives one ratio
+per case from one time window. Reported per case: tokens/s over all its samples, and the speed-up against the base
+case (the first backend named) as the median of the per-round ratios, with a 95% bootstrap interval over rounds
+(scipy) when there are at least 3 rounds.
+Time only: every case's layer and buffers are alive at once, so peak memory is not measured here (`moebench run`
+does that). A case that is skipped, fails parity or raises is reported with its reason; the others still run.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from moebench import envinfo, harness
+from moebench.registry import get
+from moebench.spec import Case
+
+KIND, SCHEMA = "moebench-paired", 1
+
+
+def group_key(c: Case) -> str:
+    """The case label without its backend part: model | workload."""
+    model, _backend, work = c.label.split(" | ", 2)
+    return f"{model} | {work} | {c.device}"
+
+
+def groups(cases: list[Case], base: str) -> list[list[Case]]:
+    """Cases grouped by model, workload and device; within a group the base backend's cases come first. Groups
+    without a case of the base backend, or with a single case, are left out: there is nothing to pair."""
+    by: OrderedDict[str, list[Case]] = OrderedDict()
+    for c in cases:
+        by.setdefault(group_key(c), []).append(c)
+    out = []
+    for g in by.values():
+        g = sorted(g, key=lambda c: c.backend != base)  # stable: the suite's order otherwise
+        if len(g) >= 2 and g[0].backend == base:
+            out.append(g)
+    return out
+
+
+def _prepare(case: Case, device: torch.device):
+    """(step, None) ready to time, or (None, entry) saying why this case does not run."""
+    entry = {"case_key": case.key, "label": case.label, "backend": case.backend, "options": case.backend_options}
+    backend = get(case.backend)
+    w, spec = case.workload, case.model
+    reason = backend.why_not(case.device, w.dtype, {"T": w.tokens, "D": spec.d_model, "F": spec.d_expert,
+                                                    "E": spec.n_experts, "K": spec.top_k})
+    if reason is None and backend.needs_process_group:
+        reason = "needs a process group: pair it with `moebench run --nproc N` instead"
+    if reason is None and w.level not in ("layer", "model"):
+        reason = f"level '{w.level}' is not timed step by step"
+    if reason:
+        return None, entry | {"status": "skipped", "reason": reason}
+    try:
+        entry["parity"] = harness.parity(case)
+        if not entry["parity"]["ok"]:
+            worst = max(entry["parity"]["errors"], key=entry["parity"]["errors"].get)
+            return None, entry | {"status": "mismatch",
+                                  "reason": f"{worst} rel err {entry['parity']['errors'][worst]:.3g} vs naive"}
+        opts = {**backend.options, **case.backend_options}
+        build = harness._layer_step if w.level == "layer" else harness._model_step
+        step, _, _ = build(case, backend, opts, device, harness.DTYPES[w.dtype])
+        harness._warm_up(step, w.warmup, device)
+        return step, entry
+    except Exception as e:  # noqa: BLE001 - one failing case never stops the others
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None, entry | {"status": "failed", "reason": f"{type(e).__name__}: {harness._first_line(e)}"}
+
+
+def _interval(ratios: list[float]) -> list[float] | None:
+    if len(ratios) < 3 or len(set(ratios)) < 2:
+        return None
+    from scipy.stats import bootstrap
+    res = bootstrap((np.asarray(ratios),), np.median, confidence_level=0.95, n_resamples=2000,
+                    method="percentile", random_state=0)
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+
+
+def run_group(cases: list[Case], rounds: int, steps: int, on_round=None) -> dict:
+    """Time one group (base case first) in `rounds` interleaved rounds of `steps` timed steps per case."""
+    device = torch.device(cases[0].device)
+    w, spec = cases[0].workload, cases[0].model
+    harness._apply_memory_budget(cases[0])
+    torch.manual_seed(w.seed)
+    prepared = [_prepare(c, device) for c in cases]
+    live = [(i, step) for i, (step, _) in enumerate(prepared) if step is not None]
+    entries = [e for _, e in prepared]
+    flush = (torch.empty(harness.L2_FLUSH_BYTES // 4, device=device)
+             if device.type == "cuda" and w.level == "layer" else None)
+    samples: dict[int, list[list[float]]] = {i: [] for i, _ in live}
+    nxt = {i: w.warmup for i, _ in live}  # step indices go on from the warm-up's (they pick the inputs)
+    for r in range(rounds if len(live) >= 2 else 0):
+        order = live[r % len(live):] + live[:r % len(live)]
+        for i, step in order:
+            try:
+                step(nxt[i])  # lead-in: the previous case's last kernels are done, this one's caches warm
+                ms, _ = harness.timed_steps(step, nxt[i] + 1, steps, device, flush)
+            except Exception as e:  # noqa: BLE001
+                entries[i] |= {"status": "failed", "reason": f"round {r}: {type(e).__name__}: {harness._first_line(e)}"}
+                live = [(j, s) for j, s in live if j != i]
+                samples.pop(i)
+                continue
+            nxt[i] += steps + 1
+            samples[i].append(ms)
+        if on_round:
+            on_round(r)
+    flops = (spec.layer_flops_per_token() if w.level == "layer" else spec.flops_per_token(w.seq))
+    flops *= 3 if w.mode == "train" else 1
+    base = samples.get(0)
+    for i, per_round in samples.items():
+        allms = [x for blk in per_round for x in blk]
+        med = float(np.median(allms))
+        e = entries[i] | {"status": "ok", "samples_ms": per_round, "step_ms_p50": med,
+                          "tokens_per_s_p50": w.tokens / (med / 1e3), "tflops": w.tokens / (med / 1e3) * flops / 1e12}
+        if base is not None:
+            k = min(len(base), len(per_round))
+            ratios = [float(np.median(base[r]) / np.median(per_round[r])) for r in range(k)]
+            e |= {"ratio_rounds": ratios, "ratio": float(np.median(ratios)) if ratios else math.nan,
+                  "ratio_ci95": _interval(ratios)}
+        entries[i] = e
+    if 0 not in samples:
+        for e in entries:
+            e.setdefault("ratio", None)
+            e.setdefault("why_no_ratio", "the base case did not run")
+    del prepared, live
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"group": group_key(cases[0]), "base": cases[0].label, "cases": entries}
+
+
+def run(cases: list[Case], base: str, rounds: int, steps: int, progress=None) -> dict:
+    gs = groups(cases, base)
+    env = envinfo.collect(cases[0].device) if cases else {}
+    out = {"kind": KIND, "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "rounds": rounds,
+           "steps": steps, "base_backend": base, "env": env, "groups": []}
+    for g in gs:
+        task = progress.add_task(group_key(g[0]), total=rounds) if progress else None
+        out["groups"].append(run_group(g, rounds, steps,
+                                       on_round=(lambda r, task=task: progress.advance(task)) if progress else None))
+    return out
