@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from implementations.routing_meta import sort_by_expert
-from moebench.registry import Backend, register
+from moebench.registry import Backend, folded, register
 
 
 def _align(dtype: torch.dtype) -> int:
@@ -51,10 +51,11 @@ def _supports(device, dtype, shape):
     return None
 
 
-register(Backend(
+GROUPED_MM = register(Backend(
     name="grouped_mm",
     forward=forward,
     description="torch._grouped_mm on expert-sorted rows (PyTorch native, torchtitan path)",
     available=_available,
     supports=_supports,
 ))
+register(folded(GROUPED_MM))  # grouped_mm+shared: shared experts as always-on experts

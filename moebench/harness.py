@@ -46,8 +46,7 @@ def run_case(case: Case, run_id: str, env: dict) -> dict:
     except KeyError as e:
         return rec("failed", str(e))
     w, spec = case.workload, case.model
-    shape = {"T": w.tokens, "D": spec.d_model, "F": spec.d_expert, "E": spec.n_experts, "K": spec.top_k}
-    reason = backend.why_not(case.device, w.dtype, shape)
+    reason = backend.why_not(case.device, w.dtype, shape_of(case))
     if reason is None and w.level in ("model", "train-run"):
         reason = components.why_not(spec.attention, spec.norm, case.device, w.dtype)
     if reason is None and case.device == "cuda" and not torch.cuda.is_available():
@@ -83,6 +82,13 @@ def run_case(case: Case, run_id: str, env: dict) -> dict:
             torch.cuda.empty_cache()
 
 
+def shape_of(case: Case) -> dict:
+    """What a backend's `supports` sees of a case."""
+    w, spec = case.workload, case.model
+    return {"T": w.tokens, "D": spec.d_model, "F": spec.d_expert, "E": spec.n_experts, "K": spec.top_k,
+            "n_shared": spec.n_shared_experts, "d_shared": spec.d_shared or spec.d_expert}
+
+
 def _first_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return s[0][:500] if s else type(e).__name__
@@ -114,15 +120,19 @@ def parity(case: Case) -> dict:
     dev, dt = torch.device(case.device), DTYPES[w.dtype]
     ref_dt = torch.float64 if dt == torch.float32 else torch.float32
     T, D, Fh, E = w.tokens, spec.d_model, spec.d_expert, spec.n_experts
+    n_fold = spec.n_shared_experts if backend.folds_shared else 0  # checked as timed: E + n_s experts, K + n_s
+    E += n_fold
     g = torch.Generator().manual_seed(w.seed + 12345)
     gd = torch.Generator(device=dev).manual_seed(w.seed + 12345)  # big tensors are drawn on the device: fast
     base = {
         "x_TD": torch.randn(T, D, generator=gd, device=dev),
         "w1_EDF2": torch.randn(E, D, 2 * Fh, generator=gd, device=dev) / math.sqrt(D),
         "w2_EFD": torch.randn(E, Fh, D, generator=gd, device=dev) / math.sqrt(Fh),
-        "p_TK": torch.rand(T, spec.top_k, generator=gd, device=dev) + 0.05,
+        "p_TK": torch.rand(T, spec.top_k + n_fold, generator=gd, device=dev) + 0.05,
     }
     idx_TK = routing_for(case, T, g).to(dev)
+    if n_fold:  # every token also goes to the always-on experts E-n_fold .. E-1
+        idx_TK = torch.cat([idx_TK, torch.arange(E - n_fold, E, device=dev).expand(T, n_fold)], dim=1)
     dy_TD = torch.randn(T, D, generator=gd, device=dev)
     opts = {**backend.options, **case.backend_options}
     keep_TK, extra = None, {}

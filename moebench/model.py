@@ -97,6 +97,32 @@ class MoE(nn.Module):
         w1_EDF2, w2_EFD = expert_weights(E, D, Fh, backend.weight_layout)
         self.w1_EDF2, self.w2_EFD = nn.Parameter(w1_EDF2), nn.Parameter(w2_EFD)
         self.shared = SwiGLU(D, spec.shared_hidden) if spec.n_shared_experts else None
+        self.n_folded = 0  # shared experts folded into w1/w2 as experts E.. (fold_shared)
+
+    @torch.no_grad()
+    def fold_shared(self) -> None:
+        """MoMoE's shared experts: the shared MLP's hidden units, in n_shared chunks of F, become experts
+        E..E+n_shared-1 of w1/w2, which every token is routed to with weight 1. The same function (SwiGLU is a
+        sum over hidden units); called once after the weights are drawn, so the values match an unfolded layer."""
+        if self.shared is None or self.n_folded:
+            return
+        if self.router.spec.kind == "expert_choice":
+            raise ValueError("fold_shared: an expert-choice router picks tokens per expert; the always-on shared "
+                             "experts cannot be folded into it")
+        E, D, F2 = self.w1_EDF2.shape
+        Fh = F2 // 2
+        Fs = self.shared.w2_FD.shape[0]
+        if Fs % Fh:
+            raise ValueError(f"fold_shared: the shared hidden size ({Fs}) is not a whole number of experts of "
+                             f"d_expert {Fh}")
+        n_s = Fs // Fh
+        g_DF, u_DF = self.shared.w1_DF2.chunk(2, dim=-1)
+        w1_sDF2 = torch.cat([g_DF.reshape(D, n_s, Fh), u_DF.reshape(D, n_s, Fh)], dim=-1).transpose(0, 1)
+        w2_sFD = self.shared.w2_FD.reshape(n_s, Fh, D)
+        w1, w2 = in_layout(torch.cat([self.w1_EDF2, w1_sDF2.to(self.w1_EDF2.dtype)]),
+                           torch.cat([self.w2_EFD, w2_sFD.to(self.w2_EFD.dtype)]), self.backend.weight_layout)
+        self.w1_EDF2, self.w2_EFD = nn.Parameter(w1), nn.Parameter(w2)
+        self.shared, self.n_folded = None, n_s
 
     def forward(self, x_TD) -> tuple[torch.Tensor, RouterOut]:
         r = self.router(x_TD)
@@ -105,7 +131,13 @@ class MoE(nn.Module):
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_TD.dtype
         w1, w2, xb_TD = self.w1_EDF2.to(dt), self.w2_EFD.to(dt), x_TD.to(dt)
         if r.tok_S is None:
-            y_TD = self.backend.forward(xb_TD, r.idx_TK, r.p_TK.to(dt), w1, w2, **self.options)
+            idx_TK, p_TK = r.idx_TK, r.p_TK.to(dt)
+            if self.n_folded:  # every token also to the folded shared experts, weight 1
+                E, T, n = w1.shape[0] - self.n_folded, idx_TK.shape[0], self.n_folded
+                idx_TK = torch.cat([idx_TK, torch.arange(E, E + n, device=idx_TK.device,
+                                                          dtype=idx_TK.dtype).expand(T, n)], dim=1)
+                p_TK = torch.cat([p_TK, p_TK.new_ones(T, n)], dim=1)
+            y_TD = self.backend.forward(xb_TD, idx_TK, p_TK, w1, w2, **self.options)
         else:  # expert choice: slots are (token, expert) pairs; run them as single-expert rows, add back
             y_SD = self.backend.forward(xb_TD[r.tok_S], r.idx_TK, r.p_TK.to(dt), w1, w2, **self.options)
             y_TD = torch.zeros_like(xb_TD).index_add_(0, r.tok_S, y_SD)
@@ -142,6 +174,9 @@ class MoEModel(nn.Module):
         self.ln_f = components.norm(spec.norm, spec.d_model, spec.norm_eps)
         self.head_DV = None if spec.tie_embeddings else nn.Parameter(torch.empty(spec.d_model, spec.vocab_size))
         init_weights(self, seed)
+        if backend.folds_shared:
+            for m in self.moe_layers:
+                m.fold_shared()
 
     @property
     def moe_layers(self) -> list[MoE]:
@@ -191,4 +226,6 @@ def build_layer(spec: ModelSpec, backend: Backend, options: dict | None = None, 
     with torch.no_grad():
         for _, p in sorted(layer.named_parameters(), key=lambda kv: kv[0]):
             p.copy_(torch.randn(p.shape, generator=g, device=dev) / math.sqrt(p.shape[-2] if p.dim() > 1 else 1))
+    if backend.folds_shared:
+        layer.fold_shared()
     return layer

@@ -55,8 +55,7 @@ def _prepare(case: Case, device: torch.device):
     entry = {"case_key": case.key, "label": case.label, "backend": case.backend, "options": case.backend_options}
     backend = get(case.backend)
     w, spec = case.workload, case.model
-    reason = backend.why_not(case.device, w.dtype, {"T": w.tokens, "D": spec.d_model, "F": spec.d_expert,
-                                                    "E": spec.n_experts, "K": spec.top_k})
+    reason = backend.why_not(case.device, w.dtype, harness.shape_of(case))
     if reason is None and backend.needs_process_group:
         reason = "needs a process group: pair it with `moebench run --nproc N` instead"
     if reason is None and w.level not in ("layer", "model"):

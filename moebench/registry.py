@@ -10,6 +10,7 @@ that calls `register(...)` on import, or a Backend object). MOEBENCH_EXTRA_BACKE
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import os
@@ -60,6 +61,9 @@ class Backend:
     # the record carries the dropped fraction.
     capacity: Callable[..., int] | None = None
     weight_layout: str = "canonical"   # a key of WEIGHT_LAYOUTS: how the MoE layer stores w1/w2 for this backend
+    # True: the MoE layer folds its shared experts into this backend's expert block as always-on experts
+    # (MoMoE's way: experts E..E+n_shared-1, every token, weight 1) instead of running them as a dense MLP
+    folds_shared: bool = False
 
     def why_not(self, device: str, dtype: str, shape: dict | None = None) -> str | None:
         """None when this backend can run the case here, else a one-line reason."""
@@ -73,6 +77,26 @@ class Backend:
         if self.supports is not None:
             return self.supports(device, dtype, shape or {})
         return None
+
+
+def folded(base: Backend) -> Backend:
+    """`<base>+shared`: the same kernels, with the model's shared experts folded in as always-on experts (MoMoE's
+    shared experts: the last n_shared experts, routed to by every token with weight 1). The layer computes the same
+    function; one expert block runs where there were two (experts, then a dense shared MLP). Each shared expert
+    must have the routed experts' hidden size (d_shared unset or = d_expert)."""
+    if not base.dropless:
+        raise ValueError(f"backend '{base.name}' drops tokens: shared experts folded into it could be dropped too")
+
+    def supports(device, dtype, shape):
+        if "n_shared" in shape and not shape["n_shared"]:  # (no shape given, as in `moebench list`: no verdict)
+            return "this model has no shared experts to fold"
+        if shape.get("d_shared", shape.get("F")) != shape.get("F"):
+            return (f"folding needs each shared expert's hidden size (d_shared={shape.get('d_shared')}) to equal "
+                    f"d_expert ({shape.get('F')})")
+        return base.supports(device, dtype, shape) if base.supports else None
+
+    return dataclasses.replace(base, name=f"{base.name}+shared", folds_shared=True, supports=supports,
+                               description=f"{base.description}; shared experts folded in as always-on experts")
 
 
 def register(backend: Backend) -> Backend:

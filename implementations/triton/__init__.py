@@ -6,7 +6,7 @@ On CPU the kernels run under Triton's interpreter (slow; for tests), only when T
 import importlib.util
 import os
 
-from moebench.registry import Backend, register
+from moebench.registry import Backend, folded, register
 
 
 def _interpret() -> bool:
@@ -37,7 +37,7 @@ def forward(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, recompute=100):
     return moe_forward(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, recompute=recompute)
 
 
-register(Backend(
+TRITON = register(Backend(
     name="triton",
     forward=forward,
     description="own Triton kernels: gather fused into grouped GEMM + SwiGLU epilogue + slot-order combine, "
@@ -47,3 +47,4 @@ register(Backend(
     available=_available,
     supports=_supports,
 ))
+register(folded(TRITON))  # triton+shared: shared experts as always-on experts (MoMoE)

@@ -41,7 +41,7 @@ def test_layer(benchmark, request, name, mode):
     if backend.needs_process_group:
         pytest.skip(f"{name} needs a process group: measured by `moebench run --nproc N`")
     why = backend.why_not("cpu", "float32", {"T": T, "D": SPEC.d_model, "F": SPEC.d_expert, "E": SPEC.n_experts,
-                                             "K": SPEC.top_k})
+                                             "K": SPEC.top_k, "n_shared": SPEC.n_shared_experts})
     if why:
         pytest.skip(why)
     layer = build_layer(SPEC, backend, dict(backend.options), seed=0)
