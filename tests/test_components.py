@@ -18,6 +18,7 @@ from implementations.peers import liger
 from implementations.triton_rmsnorm import TritonRMSNorm
 from moebench import components, harness, registry
 from moebench.metrics import rel_err
+from moebench.model import in_layout
 from moebench.spec import Case, Workload, preset
 
 FP32_TOL, BF16_TOL = 1e-5, 2e-2
@@ -207,12 +208,25 @@ def _liger_fused_moe_contract(x_TH, gate_up_EI2H, down_EHI, idx_TK, w_TK):
 
 
 def test_liger_fused_moe_glue_matches_naive(monkeypatch):
-    monkeypatch.setattr(liger, "_fused_moe", lambda: _liger_fused_moe_contract)
+    seen = []
+
+    def contract(x, gate_up, down, idx, w):
+        seen.append(gate_up.is_contiguous() and down.is_contiguous())  # liger's .contiguous() would copy nothing
+        return _liger_fused_moe_contract(x, gate_up, down, idx, w)
+
+    monkeypatch.setattr(liger, "_fused_moe", lambda: contract)
+    assert registry.get("liger_fused_moe").weight_layout == "linear"
     leaves, idx, dy = _moe_inputs(T=13, D=8, Fh=6, E=4, K=2, seed=4)
     ref = _run(naive_forward, leaves, idx, dy, torch.float64)
     got = _run(liger.fused_moe_forward, leaves, idx, dy, torch.float64)
     for k in ref:
         assert rel_err(got[k], ref[k]) <= 1e-12, k
+    lin = dict(leaves)
+    lin["w1"], lin["w2"] = in_layout(leaves["w1"], leaves["w2"], "linear")  # as the MoE layer stores them for liger
+    got = _run(liger.fused_moe_forward, lin, idx, dy, torch.float64)
+    for k in ref:
+        assert rel_err(got[k], ref[k]) <= 1e-12, k
+    assert seen == [False, True]
 
 
 def test_liger_swiglu_glue_matches_naive(monkeypatch):
