@@ -132,7 +132,8 @@ def frame(records: list[dict]) -> pd.DataFrame:
         tokens = (w.get("batch") or 0) * (w.get("seq") or 0)
         fpt = m.get("flops_per_token")
         extra.append({
-            "backend_label": (c.get("backend") or "?") + "".join(f",{k}={v}" for k, v in sorted(opts.items())),
+            "backend_label": (c.get("backend") or "?") + "".join(f",{k}={v}" for k, v in sorted(opts.items()))
+            + (f" [{m['weight_layout']} weights]" if m.get("weight_layout", "canonical") != "canonical" else ""),
             "workload": f"{w.get('level')}/{w.get('mode')} {w.get('dtype')} {w.get('batch')}x{w.get('seq')} "
                         f"{w.get('routing')}",
             "group_key": json.dumps({"model": mod, "workload": w}, sort_keys=True),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from implementations.naive import forward as naive_forward
 from implementations.peers import sonicmoe as peer
-from moebench import harness, registry
+from moebench import harness, registry, report
 from moebench.metrics import rel_err
 from moebench.model import build_layer, expert_weights, in_layout
 from moebench.registry import _REGISTRY, Backend, register
@@ -88,6 +88,8 @@ def test_harness_checks_and_times_on_the_backends_storage(linear_backend, level)
     assert seen and all(seen)  # parity and every timed step got linear-stored weights, none a copy
     base = harness.run_case(Case(model=preset("tiny"), backend="naive", workload=wl), "t", {})
     assert base["metrics"]["weight_layout"] == "canonical"
+    labels = report.frame([rec, base])["backend_label"].tolist()
+    assert labels == ["test-linear [linear weights]", "naive"]  # the report tells the storage apart
 
 
 # ------------------------------------------------------------------ SonicMoE glue, against its documented contracts
