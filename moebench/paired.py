@@ -1,29 +1,34 @@
 """Paired, interleaved timing of backends on one model and workload (`moebench paired`).
 
-Cases timed one after another see different clocks, temperatures and power-cap states. On the H100, the mixtral-like
-layer's event-timed steps and the profiled steps right after them differed by -5% for triton and +7% for grouped_mm
-in the same process (results/triton_dev/v8_profile_gaps_h100.log). A ratio between two backends is only as good as
-the assumption that both saw the same GPU.
+Cases timed one after another see different clocks, temperatures and power-cap states. On the H100, the
+mixtral-like layer's event-timed steps and the profiled steps right after them differed by -5% for triton
+and +7% for grouped_mm in the same process (results/triton_dev/v8_profile_gaps_h100.log). A ratio between
+two backends is only as good as the assumption that both saw the same GPU.
 
-Here every case of a group (same model, workload and device; different backends or options) is checked as in a suite
-run (parity against naive), warmed up, and then timed in rounds: each round runs one untimed lead-in step and then
-`steps` timed steps of every case in turn. The order is rotated from round to round, so each round gives one ratio
-per case from one time window. Reported per case: tokens/s over all its samples, and the speed-up against the base
-case (the first backend named) as the median of the per-round ratios, with a 95% bootstrap interval over rounds
-(scipy) when there are at least 3 rounds.
-Time only: every case's layer and buffers are alive at once, so peak memory is not measured here (`moebench run`
-does that). A case that is skipped, fails parity or raises is reported with its reason; the others still run.
+Here every case of a group (same model, workload and device; other backends or options) is checked as in a
+suite run (parity against naive), warmed up, and then timed in rounds: each round runs one untimed lead-in
+step and then `steps` timed steps of every case in turn. The order is rotated from round to round, so each
+round gives one ratio per case from one time window. Reported per case: tokens/s over all its samples, and
+the speed-up against the base case (the first backend named) as the median of the per-round ratios, with a
+95% bootstrap interval over rounds (scipy) when there are at least 3 rounds. On CUDA, nvidia-smi samples SM
+clock, power and throttle reasons in the background (moebench/telemetry.py); each case gets the summary of
+the samples taken while its timed blocks ran, so a speed-up bought or lost at the power cap shows as such.
+Time only: every case's layer and buffers are alive at once, so peak memory is not measured here (`moebench
+run` does that). A case that is skipped, fails parity or raises is reported with its reason; the others
+still run.
 """
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-from moebench import envinfo, harness
+from moebench import envinfo, harness, telemetry
 from moebench.registry import get
 from moebench.spec import Case
 
@@ -52,9 +57,9 @@ def groups(cases: list[Case], base: str) -> list[list[Case]]:
 
 def _prepare(case: Case, device: torch.device):
     """(step, None) ready to time, or (None, entry) saying why this case does not run."""
-    entry = {"case_key": case.key, "label": case.label, "backend": case.backend, "options": case.backend_options}
-    backend = get(case.backend)
-    w, spec = case.workload, case.model
+    entry = {"case_key": case.key, "label": case.label, "backend": case.backend,
+             "options": case.backend_options}
+    backend, w = get(case.backend), case.workload
     reason = backend.why_not(case.device, w.dtype, harness.shape_of(case))
     if reason is None and backend.needs_process_group:
         reason = "needs a process group: pair it with `moebench run --nproc N` instead"
@@ -66,8 +71,8 @@ def _prepare(case: Case, device: torch.device):
         entry["parity"] = harness.parity(case)
         if not entry["parity"]["ok"]:
             worst = max(entry["parity"]["errors"], key=entry["parity"]["errors"].get)
-            return None, entry | {"status": "mismatch",
-                                  "reason": f"{worst} rel err {entry['parity']['errors'][worst]:.3g} vs naive"}
+            err = entry["parity"]["errors"][worst]
+            return None, entry | {"status": "mismatch", "reason": f"{worst} rel err {err:.3g} vs naive"}
         opts = {**backend.options, **case.backend_options}
         build = harness._layer_step if w.level == "layer" else harness._model_step
         step, _, _ = build(case, backend, opts, device, harness.DTYPES[w.dtype])
@@ -77,6 +82,17 @@ def _prepare(case: Case, device: torch.device):
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return None, entry | {"status": "failed", "reason": f"{type(e).__name__}: {harness._first_line(e)}"}
+
+
+@contextmanager
+def _sampler(device: torch.device):
+    """nvidia-smi samples on CUDA (or with MOEBENCH_SMI set, as tests do); None otherwise."""
+    if device.type != "cuda" and not os.environ.get("MOEBENCH_SMI"):
+        yield None
+        return
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    with telemetry.Sampler(gpu_index=int(vis) if vis.isdigit() else 0) as smi:
+        yield smi
 
 
 def _interval(ratios: list[float]) -> list[float] | None:
@@ -100,30 +116,39 @@ def run_group(cases: list[Case], rounds: int, steps: int, on_round=None) -> dict
     flush = (torch.empty(harness.L2_FLUSH_BYTES // 4, device=device)
              if device.type == "cuda" and w.level == "layer" else None)
     samples: dict[int, list[list[float]]] = {i: [] for i, _ in live}
+    windows: dict[int, list[tuple[float, float]]] = {i: [] for i, _ in live}
     nxt = {i: w.warmup for i, _ in live}  # step indices go on from the warm-up's (they pick the inputs)
-    for r in range(rounds if len(live) >= 2 else 0):
-        order = live[r % len(live):] + live[:r % len(live)]
-        for i, step in order:
-            try:
-                step(nxt[i])  # lead-in: the previous case's last kernels are done, this one's caches warm
-                ms, _ = harness.timed_steps(step, nxt[i] + 1, steps, device, flush)
-            except Exception as e:  # noqa: BLE001
-                entries[i] |= {"status": "failed", "reason": f"round {r}: {type(e).__name__}: {harness._first_line(e)}"}
-                live = [(j, s) for j, s in live if j != i]
-                samples.pop(i)
-                continue
-            nxt[i] += steps + 1
-            samples[i].append(ms)
-        if on_round:
-            on_round(r)
+    with _sampler(device) as smi:
+        for r in range(rounds if len(live) >= 2 else 0):
+            order = live[r % len(live):] + live[:r % len(live)]
+            for i, step in order:
+                try:
+                    step(nxt[i])  # lead-in: the previous case's last kernels are done, this one's caches warm
+                    t0 = time.monotonic()
+                    ms, _ = harness.timed_steps(step, nxt[i] + 1, steps, device, flush)  # ends with a sync
+                    windows[i].append((t0, time.monotonic()))
+                except Exception as e:  # noqa: BLE001
+                    why = f"round {r}: {type(e).__name__}: {harness._first_line(e)}"
+                    entries[i] |= {"status": "failed", "reason": why}
+                    live = [(j, s) for j, s in live if j != i]
+                    samples.pop(i)
+                    continue
+                nxt[i] += steps + 1
+                samples[i].append(ms)
+            if on_round:
+                on_round(r)
     flops = (spec.layer_flops_per_token() if w.level == "layer" else spec.flops_per_token(w.seq))
     flops *= 3 if w.mode == "train" else 1
     base = samples.get(0)
     for i, per_round in samples.items():
         allms = [x for blk in per_round for x in blk]
         med = float(np.median(allms))
+        tps = w.tokens / (med / 1e3)
         e = entries[i] | {"status": "ok", "samples_ms": per_round, "step_ms_p50": med,
-                          "tokens_per_s_p50": w.tokens / (med / 1e3), "tflops": w.tokens / (med / 1e3) * flops / 1e12}
+                          "tokens_per_s_p50": tps, "tflops": tps * flops / 1e12}
+        if smi is not None:  # clocks and power while this case's timed blocks ran
+            mine = [x for t0, t1 in windows[i] for x in smi.samples if t0 <= x[0] <= t1]
+            e["telemetry"] = telemetry.summarise(mine) if smi.error is None else {"error": smi.error}
         if base is not None:
             k = min(len(base), len(per_round))
             ratios = [float(np.median(base[r]) / np.median(per_round[r])) for r in range(k)]
@@ -147,6 +172,6 @@ def run(cases: list[Case], base: str, rounds: int, steps: int, progress=None) ->
            "steps": steps, "base_backend": base, "env": env, "groups": []}
     for g in gs:
         task = progress.add_task(group_key(g[0]), total=rounds) if progress else None
-        out["groups"].append(run_group(g, rounds, steps,
-                                       on_round=(lambda r, task=task: progress.advance(task)) if progress else None))
+        tick = (lambda r, task=task: progress.advance(task)) if progress else None
+        out["groups"].append(run_group(g, rounds, steps, on_round=tick))
     return out

@@ -98,3 +98,36 @@ def test_cli_paired_writes_json_and_names_a_missing_base(tmp_path, cli_env):
                           "no-such-model", "-d", "cpu"], capture_output=True, text=True, env=cli_env, timeout=120,
                          check=False)
     assert bad.returncode == 2 and "base backend 'grouped_mm'" in bad.stderr
+
+
+def _fake_smi(tmp_path, line):
+    """A stand-in for nvidia-smi: prints one sample line every 10 ms until stopped (it ignores its arguments)."""
+    exe = tmp_path / "fake-smi"
+    exe.write_text(f"#!/bin/sh\nwhile true; do echo '{line}'; sleep 0.01; done\n")
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def test_telemetry_samples_land_with_the_case_that_ran(logged, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEBENCH_SMI", _fake_smi(tmp_path, "1500, 690.5, 61, 0x0000000000000004"))
+    res = paired.run_group([_case("t-a"), _case("t-b")], rounds=3, steps=30)
+    for e in res["cases"]:
+        tel = e["telemetry"]
+        assert tel["n"] >= 1 and tel["sm_mhz_mean"] == 1500 and tel["power_w_max"] == 690.5
+        assert tel["power_cap_frac"] == 1.0 and tel["thermal_frac"] == 0.0
+
+
+def test_telemetry_missing_tool_is_said_not_invented(logged, monkeypatch):
+    monkeypatch.setenv("MOEBENCH_SMI", "no-such-smi-tool")
+    res = paired.run_group([_case("t-a"), _case("t-b")], rounds=2, steps=1)
+    assert all(e["telemetry"] == {"error": "no-such-smi-tool not found: no clock/power samples"}
+               for e in res["cases"])
+
+
+def test_telemetry_parses_and_summarises():
+    from moebench import telemetry
+    s = [(0.0, 1980.0, 500.0, 50.0, 0x1), (1.0, 1200.0, 700.0, 70.0, 0x4), (2.0, 1500.0, 650.0, 80.0, 0x24)]
+    got = telemetry.summarise(s)
+    assert got["n"] == 3 and got["sm_mhz_min"] == 1200 and got["power_cap_frac"] == pytest.approx(2 / 3)
+    assert got["thermal_frac"] == pytest.approx(1 / 3) and got["temp_c_max"] == 80
+    assert telemetry.summarise([]) is None
