@@ -63,6 +63,8 @@ def _prepare(case: Case, device: torch.device):
     reason = backend.why_not(case.device, w.dtype, harness.shape_of(case))
     if reason is None and backend.needs_process_group:
         reason = "needs a process group: pair it with `moebench run --nproc N` instead"
+    if reason is None and case.device == "cuda" and not torch.cuda.is_available():
+        reason = "CUDA requested but torch.cuda.is_available() is False"
     if reason is None and w.level not in ("layer", "model"):
         reason = f"level '{w.level}' is not timed step by step"
     if reason:
