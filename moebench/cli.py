@@ -167,6 +167,10 @@ def paired(
     dev = device or runner.default_device()
     if dev not in ("cpu", "cuda"):
         _fail(f"--device must be cpu or cuda, got '{dev}'")
+    if dev == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            _fail("--device cuda: torch.cuda.is_available() is False on this machine")
     names = _csv(backends) or []
     try:
         cases = load(suite, device=dev, backends=names)

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from implementations.naive import forward as naive_forward
 from moebench import paired
@@ -98,6 +99,10 @@ def test_cli_paired_writes_json_and_names_a_missing_base(tmp_path, cli_env):
                           "no-such-model", "-d", "cpu"], capture_output=True, text=True, env=cli_env, timeout=120,
                          check=False)
     assert bad.returncode == 2 and "base backend 'grouped_mm'" in bad.stderr
+    if not torch.cuda.is_available():
+        nocuda = subprocess.run([sys.executable, "-m", "moebench", "paired", "-s", "ci", "-b", "naive,shuffle", "-d",
+                                 "cuda"], capture_output=True, text=True, env=cli_env, timeout=120, check=False)
+        assert nocuda.returncode == 2 and "torch.cuda.is_available() is False" in nocuda.stderr
 
 
 def _fake_smi(tmp_path, line):
