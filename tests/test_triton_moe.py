@@ -234,3 +234,16 @@ def test_pregather_auto_by_F(in_process, monkeypatch):
     assert not moe.Launcher(x, big, R).pregather
     monkeypatch.setenv("MOEBENCH_TRITON_PREGATHER", "1")
     assert moe.Launcher(x, small, R).pregather
+
+
+def test_folded_shared_experts_run_through_the_harness(in_process):
+    """triton+shared: the shared experts as always-on experts E.. (every token, weight 1), checked against naive on
+    those shapes by the harness, then timed."""
+    from moebench import harness
+    from moebench.spec import Case, ModelSpec, Workload
+    spec = ModelSpec(name="fold", d_model=40, d_expert=36, n_experts=5, top_k=2, n_heads=1, n_shared_experts=2)
+    wl = Workload(level="layer", mode="train", batch=1, seq=24, dtype="float32", routing="zipf:1.2", warmup=1,
+                  repeats=2)
+    rec = harness.run_case(Case(model=spec, backend="triton+shared", workload=wl), "t", {})
+    assert rec["status"] == "ok", rec["reason"]
+    assert rec["metrics"]["parity"]["ok"] and max(rec["metrics"]["parity"]["errors"].values()) <= 1e-5
