@@ -216,7 +216,11 @@ def paired(
     out.print(t)
     if out_path is not None:
         out_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
-        err.print(f"wrote {out_path}", markup=False)
+        out_path.with_suffix(".md").write_text(pr.markdown(result))
+        png = pr.plot(result)
+        if png:
+            out_path.with_suffix(".png").write_bytes(png)
+        err.print(f"wrote {out_path} and its .md{' and .png' if png else ''}", markup=False)
 
 
 @app.command("list")

@@ -177,3 +177,59 @@ def run(cases: list[Case], base: str, rounds: int, steps: int, progress=None) ->
         tick = (lambda r, task=task: progress.advance(task)) if progress else None
         out["groups"].append(run_group(g, rounds, steps, on_round=tick))
     return out
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+def markdown(result: dict) -> str:
+    """The result as a markdown table (one row per case), with the environment it ran in."""
+    env = result.get("env") or {}
+    lines = [f"# moebench paired: {result['rounds']} rounds x {result['steps']} timed steps per case, "
+             f"base `{result['base_backend']}`", "",
+             f"{env.get('gpu') or env.get('cpu')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+             f"commit {env.get('git_commit')}, created {result.get('created')}", "",
+             "| model / workload | backend | status | tok/s p50 | TFLOP/s | x base (median of rounds) | 95% CI "
+             "| rounds min..max | SM MHz / W / power-capped |", "|---|---|---|---:|---:|---:|---|---|---|"]
+    for g in result["groups"]:
+        for e in g["cases"]:
+            ok = e["status"] == "ok"
+            rr, ci, tel = e.get("ratio_rounds") or [], e.get("ratio_ci95"), e.get("telemetry") or {}
+            smi = (f"{tel['sm_mhz_mean']:.0f} / {tel['power_w_mean']:.0f} / {tel['power_cap_frac']:.0%}"
+                   if "sm_mhz_mean" in tel else tel.get("error", ""))
+            lines.append("| " + " | ".join([
+                g["group"].replace(" | ", " / "), e["label"].split(" | ")[1],
+                e["status"] if ok else f"{e['status']}: {e['reason']}".replace("|", "/"),
+                f"{e['tokens_per_s_p50']:,.0f}" if ok else "", f"{e['tflops']:.3g}" if ok else "",
+                f"{e['ratio']:.3f}x" if ok and e.get("ratio") is not None else "",
+                f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "", f"{min(rr):.3f}..{max(rr):.3f}" if rr else "", smi]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict) -> bytes | None:
+    """PNG: per group, each case's per-round speed-ups against the base (dots), their median (bar) and the 95%
+    interval (whisker); the line at 1 is the base. None when no case has a ratio."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    gs = [g for g in result["groups"] if any(e.get("ratio_rounds") for e in g["cases"][1:])]
+    if not gs:
+        return None
+    fig = Figure(figsize=(8, 1.2 + 0.5 * sum(len(g["cases"]) for g in gs)))
+    axes = fig.subplots(len(gs), 1, squeeze=False)[:, 0]
+    for ax, g in zip(axes, gs):
+        cases = [e for e in g["cases"] if e.get("ratio_rounds")]
+        for y, e in enumerate(cases):
+            rr = e["ratio_rounds"]
+            ax.barh(y, e["ratio"], color="#4c72b0", alpha=0.35, height=0.6)
+            ax.scatter(rr, [y] * len(rr), s=12, color="#4c72b0", zorder=3)
+            if e.get("ratio_ci95"):
+                lo, hi = e["ratio_ci95"]
+                ax.errorbar(e["ratio"], y, xerr=[[e["ratio"] - lo], [hi - e["ratio"]]], color="black", capsize=3)
+        ax.axvline(1.0, color="grey", lw=1, ls="--")
+        ax.set_yticks(range(len(cases)), [e["label"].split(" | ")[1] for e in cases])
+        ax.set_title(g["group"], fontsize=9)
+        ax.set_xlabel(f"tokens/s vs {result['base_backend']} (per round; bar = median)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    return buf.getvalue()

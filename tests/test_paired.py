@@ -95,6 +95,10 @@ def test_cli_paired_writes_json_and_names_a_missing_base(tmp_path, cli_env):
     res = json.loads(out.read_text())
     assert res["kind"] == "moebench-paired" and res["env"]["device"] == "cpu" and res["groups"]
     assert {e["backend"] for g in res["groups"] for e in g["cases"]} == {"naive", "shuffle"}
+    md = out.with_suffix(".md").read_text().splitlines()
+    rows = [r for r in md if r.startswith("| tiny-layer")]
+    assert len(rows) == 2 and all(r.count("|") == 10 for r in rows)  # group labels must not split the columns
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     bad = subprocess.run([sys.executable, "-m", "moebench", "paired", "-s", "ci", "-b", "grouped_mm,shuffle", "-m",
                           "no-such-model", "-d", "cpu"], capture_output=True, text=True, env=cli_env, timeout=120,
                          check=False)
