@@ -187,8 +187,9 @@ def markdown(result: dict) -> str:
              f"base `{result['base_backend']}`", "",
              f"{env.get('gpu') or env.get('cpu')}, torch {env.get('torch')}, triton {env.get('triton')}, "
              f"commit {env.get('git_commit')}, created {result.get('created')}", "",
-             "| model / workload | backend | status | tok/s p50 | TFLOP/s | x base (median of rounds) | 95% CI "
-             "| rounds min..max | SM MHz / W / power-capped |", "|---|---|---|---:|---:|---:|---|---|---|"]
+             "| model / workload | backend | status | tok/s p50 | TFLOP/s | x base (median of rounds) "
+             "| 95% CI | rounds min..max | SM MHz / W / power-capped |",
+             "|---|---|---|---:|---:|---:|---|---|---|"]
     for g in result["groups"]:
         for e in g["cases"]:
             ok = e["status"] == "ok"
@@ -200,7 +201,8 @@ def markdown(result: dict) -> str:
                 e["status"] if ok else f"{e['status']}: {e['reason']}".replace("|", "/"),
                 f"{e['tokens_per_s_p50']:,.0f}" if ok else "", f"{e['tflops']:.3g}" if ok else "",
                 f"{e['ratio']:.3f}x" if ok and e.get("ratio") is not None else "",
-                f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "", f"{min(rr):.3f}..{max(rr):.3f}" if rr else "", smi]) + " |")
+                f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "",
+                f"{min(rr):.3f}..{max(rr):.3f}" if rr else "", smi]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -216,7 +218,7 @@ def plot(result: dict) -> bytes | None:
         return None
     fig = Figure(figsize=(8, 1.2 + 0.5 * sum(len(g["cases"]) for g in gs)))
     axes = fig.subplots(len(gs), 1, squeeze=False)[:, 0]
-    for ax, g in zip(axes, gs):
+    for ax, g in zip(axes, gs, strict=True):
         cases = [e for e in g["cases"] if e.get("ratio_rounds")]
         for y, e in enumerate(cases):
             rr = e["ratio_rounds"]
@@ -224,7 +226,8 @@ def plot(result: dict) -> bytes | None:
             ax.scatter(rr, [y] * len(rr), s=12, color="#4c72b0", zorder=3)
             if e.get("ratio_ci95"):
                 lo, hi = e["ratio_ci95"]
-                ax.errorbar(e["ratio"], y, xerr=[[e["ratio"] - lo], [hi - e["ratio"]]], color="black", capsize=3)
+                ax.errorbar(e["ratio"], y, xerr=[[e["ratio"] - lo], [hi - e["ratio"]]], color="black",
+                            capsize=3)
         ax.axvline(1.0, color="grey", lw=1, ls="--")
         ax.set_yticks(range(len(cases)), [e["label"].split(" | ")[1] for e in cases])
         ax.set_title(g["group"], fontsize=9)
