@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Keep SonicMoE's (quack's) compile and autotune caches between lent machines, which keep nothing: its first call per
-# shape compiles and benchmarks every GEMM config for minutes (564 + 68 s for h100_sonic at olmoe on a fresh cache).
+# shape compiles and benchmarks every GEMM config for minutes (h100_sonic at olmoe outlasted one 600 s call:
+# results/h100/h100_sonic.log, "interrupted").
 #   save (in the run call, after the suite):  bash scripts/sonic_cache.sh save     -> $OUT/quack_cache.tgz (if <= 14 MiB)
 #   restore (call 1, carry .sonicA .quack_cache): bash scripts/sonic_cache.sh restore
 # Locally, keep the fetched tgz in the git-ignored .quack_cache/. Autotune results live in $QUACK_HOME/.quack/cache
