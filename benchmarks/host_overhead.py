@@ -22,7 +22,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.profile_layer import SEQ, parse_backend
 from moebench import harness
-from moebench.registry import get
 from moebench.spec import Case, Workload, preset
 
 
@@ -40,8 +39,7 @@ def main():
             case = Case(model=preset(name), backend=backend, backend_options=opts, device="cuda",
                         workload=Workload(level="layer", mode="train", batch=1, seq=SEQ.get(name, 16384),
                                           dtype="bfloat16", routing="uniform"))
-            be = get(backend)
-            step, _, _ = harness._layer_step(case, be, {**be.options, **opts}, dev, torch.bfloat16)
+            step = harness.build_step(case, dev)[0]
             n = harness._warm_up(step, 3, dev)
             host, gpu = [], []
             for i in range(args.steps):

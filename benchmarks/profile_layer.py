@@ -23,7 +23,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moebench import envinfo, harness
-from moebench.registry import get
 from moebench.spec import Case, Workload, preset
 
 SEQ = {"fine-128x8-layer": 24576, "mid-64x4-layer": 24576, "coarse-32x2-layer": 24576}
@@ -39,8 +38,7 @@ def profile_one(name: str, backend: str, opts: dict, reps: int, routing: str) ->
     case = Case(model=preset(name), backend=backend, backend_options=opts, device="cuda",
                 workload=Workload(level="layer", mode="train", batch=1, seq=SEQ.get(name, 16384),
                                   dtype="bfloat16", routing=routing))
-    be = get(backend)
-    step, _, _ = harness._layer_step(case, be, {**be.options, **opts}, dev, torch.bfloat16)
+    step = harness.build_step(case, dev)[0]
     n = harness._warm_up(step, 3, dev)
     flush = torch.empty(harness.L2_FLUSH_BYTES // 4, device=dev)
     step_ms, _ = harness.timed_steps(step, n, reps, dev, flush)

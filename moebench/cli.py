@@ -192,27 +192,10 @@ def paired(
     with Progress(console=err, transient=True) as progress:
         result = pr.run([c for g in gs for c in g], names[0], rounds, steps, progress)
     t = Table(title=f"paired: {rounds} rounds x {steps} steps per case, base {names[0]}")
-    for c in ("model | workload", "backend", "status", "tok/s p50", "TFLOP/s", "x base (median of rounds)",
-              "95% CI", "rounds min..max", "SM MHz / W / power-capped"):
+    for c in pr.COLUMNS:
         t.add_column(c)
-
-    def smi(tel):
-        if not tel:
-            return ""
-        if "error" in tel:
-            return tel["error"]
-        return f"{tel['sm_mhz_mean']:.0f} / {tel['power_w_mean']:.0f} / {tel['power_cap_frac']:.0%}"
-
-    for g in result["groups"]:
-        for e in g["cases"]:
-            ok = e["status"] == "ok"
-            rr = e.get("ratio_rounds") or []
-            ci = e.get("ratio_ci95")
-            t.add_row(g["group"], e["label"].split(" | ")[1], e["status"] if ok else f"{e['status']}: {e['reason']}",
-                      f"{e['tokens_per_s_p50']:,.0f}" if ok else "", f"{e['tflops']:.3g}" if ok else "",
-                      f"{e['ratio']:.3f}x" if ok and e.get("ratio") is not None else "",
-                      f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "", f"{min(rr):.3f}..{max(rr):.3f}" if rr else "",
-                      smi(e.get("telemetry")))
+    for row in pr.rows(result):
+        t.add_row(*row)
     out.print(t)
     if out_path is not None:
         out_path.write_text(json.dumps(result, indent=1, default=str) + "\n")

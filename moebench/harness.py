@@ -45,12 +45,7 @@ def run_case(case: Case, run_id: str, env: dict) -> dict:
         backend = get(case.backend)
     except KeyError as e:
         return rec("failed", str(e))
-    w, spec = case.workload, case.model
-    reason = backend.why_not(case.device, w.dtype, shape_of(case))
-    if reason is None and w.level in ("model", "train-run"):
-        reason = components.why_not(spec.attention, spec.norm, case.device, w.dtype)
-    if reason is None and case.device == "cuda" and not torch.cuda.is_available():
-        reason = "CUDA requested but torch.cuda.is_available() is False"
+    reason = skip_reason(case, backend)
     if reason:
         return rec("skipped", reason)
     device = torch.device(case.device)
@@ -64,9 +59,7 @@ def run_case(case: Case, run_id: str, env: dict) -> dict:
         _apply_memory_budget(case)
         m["parity"] = parity_fn(case)
         if not m["parity"]["ok"]:
-            worst = max(m["parity"]["errors"], key=m["parity"]["errors"].get)
-            return rec("mismatch", f"{worst} rel err {m['parity']['errors'][worst]:.3g} > tol "
-                                   f"{m['parity']['tol']:.0e} vs naive", m)
+            return rec("mismatch", mismatch_reason(m["parity"]), m)
         m |= measure_fn(case, device)
         return rec("ok", "", m)
     except torch.OutOfMemoryError as e:
@@ -80,6 +73,22 @@ def run_case(case: Case, run_id: str, env: dict) -> dict:
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def skip_reason(case: Case, backend) -> str | None:
+    """Why this case cannot run here (backend, attention/norm variant, CUDA), or None."""
+    w, spec = case.workload, case.model
+    reason = backend.why_not(case.device, w.dtype, shape_of(case))
+    if reason is None and w.level in ("model", "train-run"):
+        reason = components.why_not(spec.attention, spec.norm, case.device, w.dtype)
+    if reason is None and case.device == "cuda" and not torch.cuda.is_available():
+        reason = "CUDA requested but torch.cuda.is_available() is False"
+    return reason
+
+
+def mismatch_reason(par: dict) -> str:
+    worst = max(par["errors"], key=par["errors"].get)
+    return f"{worst} rel err {par['errors'][worst]:.3g} > tol {par['tol']:.0e} vs naive"
 
 
 def shape_of(case: Case) -> dict:
@@ -200,19 +209,12 @@ def measure(case: Case, device: torch.device) -> dict:
     w, spec = case.workload, case.model
     backend = get(case.backend)
     opts = {**backend.options, **case.backend_options}
-    dt = DTYPES[w.dtype]
     torch.manual_seed(w.seed)
     if w.level == "train-run":  # a training run on real text: moebench/train.py records loss and balance
         from moebench import train
         return train.run(case, device)
-    if w.level == "layer":
-        step, routes_of, extra = _layer_step(case, backend, opts, device, dt)
-        flops = spec.layer_flops_per_token()
-    else:
-        step, routes_of, extra = _model_step(case, backend, opts, device, dt)
-        flops = spec.flops_per_token(w.seq)
-    flops *= 3 if w.mode == "train" else 1
-    flush = torch.empty(L2_FLUSH_BYTES // 4, device=device) if device.type == "cuda" and w.level == "layer" else None
+    step, routes_of, extra, flops = build_step(case, device)
+    flush = l2_flush(case, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -233,6 +235,28 @@ def measure(case: Case, device: torch.device) -> dict:
     if losses:
         m["loss_curve"] = losses
     return m
+
+
+def build_step(case: Case, device: torch.device):
+    """(step(i), routes_of(output), extra metrics, matmul FLOPs per token) of a layer or model case, as it is
+    timed: step(i) runs one training (or forward) step on input buffer i."""
+    w, spec = case.workload, case.model
+    backend = get(case.backend)
+    opts = {**backend.options, **case.backend_options}
+    if w.level == "layer":
+        step, routes_of, extra = _layer_step(case, backend, opts, device, DTYPES[w.dtype])
+        flops = spec.layer_flops_per_token()
+    else:
+        step, routes_of, extra = _model_step(case, backend, opts, device, DTYPES[w.dtype])
+        flops = spec.flops_per_token(w.seq)
+    return step, routes_of, extra, flops * (3 if w.mode == "train" else 1)
+
+
+def l2_flush(case: Case, device: torch.device) -> torch.Tensor | None:
+    """The buffer timed_steps overwrites before each layer-level step on CUDA (so no step starts with a warm L2)."""
+    if device.type == "cuda" and case.workload.level == "layer":
+        return torch.empty(L2_FLUSH_BYTES // 4, device=device)
+    return None
 
 
 def _profile(step, i0: int, device: torch.device, case: Case) -> str:

@@ -56,34 +56,30 @@ def groups(cases: list[Case], base: str) -> list[list[Case]]:
 
 
 def _prepare(case: Case, device: torch.device):
-    """(step, None) ready to time, or (None, entry) saying why this case does not run."""
+    """(step, flops per token, entry): a step ready to time, or None and the entry saying why not."""
     entry = {"case_key": case.key, "label": case.label, "backend": case.backend,
              "options": case.backend_options}
     backend, w = get(case.backend), case.workload
-    reason = backend.why_not(case.device, w.dtype, harness.shape_of(case))
+    reason = harness.skip_reason(case, backend)
     if reason is None and backend.needs_process_group:
         reason = "needs a process group: pair it with `moebench run --nproc N` instead"
-    if reason is None and case.device == "cuda" and not torch.cuda.is_available():
-        reason = "CUDA requested but torch.cuda.is_available() is False"
     if reason is None and w.level not in ("layer", "model"):
         reason = f"level '{w.level}' is not timed step by step"
     if reason:
-        return None, entry | {"status": "skipped", "reason": reason}
+        return None, None, entry | {"status": "skipped", "reason": reason}
     try:
         entry["parity"] = harness.parity(case)
         if not entry["parity"]["ok"]:
-            worst = max(entry["parity"]["errors"], key=entry["parity"]["errors"].get)
-            err = entry["parity"]["errors"][worst]
-            return None, entry | {"status": "mismatch", "reason": f"{worst} rel err {err:.3g} vs naive"}
-        opts = {**backend.options, **case.backend_options}
-        build = harness._layer_step if w.level == "layer" else harness._model_step
-        step, _, _ = build(case, backend, opts, device, harness.DTYPES[w.dtype])
+            why = harness.mismatch_reason(entry["parity"])
+            return None, None, entry | {"status": "mismatch", "reason": why}
+        step, _, _, flops = harness.build_step(case, device)
         harness._warm_up(step, w.warmup, device)
-        return step, entry
+        return step, flops, entry
     except Exception as e:  # noqa: BLE001 - one failing case never stops the others
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return None, entry | {"status": "failed", "reason": f"{type(e).__name__}: {harness._first_line(e)}"}
+        why = f"{type(e).__name__}: {harness._first_line(e)}"
+        return None, None, entry | {"status": "failed", "reason": why}
 
 
 @contextmanager
@@ -109,14 +105,13 @@ def _interval(ratios: list[float]) -> list[float] | None:
 def run_group(cases: list[Case], rounds: int, steps: int, on_round=None) -> dict:
     """Time one group (base case first) in `rounds` interleaved rounds of `steps` timed steps per case."""
     device = torch.device(cases[0].device)
-    w, spec = cases[0].workload, cases[0].model
+    w = cases[0].workload
     harness._apply_memory_budget(cases[0])
     torch.manual_seed(w.seed)
     prepared = [_prepare(c, device) for c in cases]
-    live = [(i, step) for i, (step, _) in enumerate(prepared) if step is not None]
-    entries = [e for _, e in prepared]
-    flush = (torch.empty(harness.L2_FLUSH_BYTES // 4, device=device)
-             if device.type == "cuda" and w.level == "layer" else None)
+    live = [(i, step) for i, (step, _, _) in enumerate(prepared) if step is not None]
+    entries = [e for _, _, e in prepared]
+    flush = harness.l2_flush(cases[0], device)
     samples: dict[int, list[list[float]]] = {i: [] for i, _ in live}
     windows: dict[int, list[tuple[float, float]]] = {i: [] for i, _ in live}
     nxt = {i: w.warmup for i, _ in live}  # step indices go on from the warm-up's (they pick the inputs)
@@ -139,18 +134,15 @@ def run_group(cases: list[Case], rounds: int, steps: int, on_round=None) -> dict
                 samples[i].append(ms)
             if on_round:
                 on_round(r)
-    flops = (spec.layer_flops_per_token() if w.level == "layer" else spec.flops_per_token(w.seq))
-    flops *= 3 if w.mode == "train" else 1
     base = samples.get(0)
     for i, per_round in samples.items():
         allms = [x for blk in per_round for x in blk]
         med = float(np.median(allms))
         tps = w.tokens / (med / 1e3)
         e = entries[i] | {"status": "ok", "samples_ms": per_round, "step_ms_p50": med,
-                          "tokens_per_s_p50": tps, "tflops": tps * flops / 1e12}
+                          "tokens_per_s_p50": tps, "tflops": tps * prepared[i][1] / 1e12}
         if smi is not None:  # clocks and power while this case's timed blocks ran
-            mine = [x for t0, t1 in windows[i] for x in smi.samples if t0 <= x[0] <= t1]
-            e["telemetry"] = telemetry.summarise(mine) if smi.error is None else {"error": smi.error}
+            e["telemetry"] = smi.summary(windows[i]) if smi.error is None else {"error": smi.error}
         if base is not None:
             k = min(len(base), len(per_round))
             ratios = [float(np.median(base[r]) / np.median(per_round[r])) for r in range(k)]
@@ -180,6 +172,28 @@ def run(cases: list[Case], base: str, rounds: int, steps: int, progress=None) ->
 
 
 # ------------------------------------------------------------------------------------------------ rendering
+COLUMNS = ("model / workload", "backend", "status", "tok/s p50", "TFLOP/s", "x base (median of rounds)", "95% CI",
+           "rounds min..max", "SM MHz / W / power-capped")
+
+
+def rows(result: dict) -> list[list[str]]:
+    """One row of COLUMNS per case, as text (the terminal table and the markdown file share it)."""
+    out = []
+    for g in result["groups"]:
+        for e in g["cases"]:
+            ok = e["status"] == "ok"
+            rr, ci, tel = e.get("ratio_rounds") or [], e.get("ratio_ci95"), e.get("telemetry") or {}
+            smi = (f"{tel['sm_mhz_mean']:.0f} / {tel['power_w_mean']:.0f} / {tel['power_cap_frac']:.0%}"
+                   if "sm_mhz_mean" in tel else tel.get("error", ""))
+            out.append([g["group"].replace(" | ", " / "), e["label"].split(" | ")[1],
+                        e["status"] if ok else f"{e['status']}: {e['reason']}",
+                        f"{e['tokens_per_s_p50']:,.0f}" if ok else "", f"{e['tflops']:.3g}" if ok else "",
+                        f"{e['ratio']:.3f}x" if ok and e.get("ratio") is not None else "",
+                        f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "",
+                        f"{min(rr):.3f}..{max(rr):.3f}" if rr else "", smi])
+    return out
+
+
 def markdown(result: dict) -> str:
     """The result as a markdown table (one row per case), with the environment it ran in."""
     env = result.get("env") or {}
@@ -187,22 +201,8 @@ def markdown(result: dict) -> str:
              f"base `{result['base_backend']}`", "",
              f"{env.get('gpu') or env.get('cpu')}, torch {env.get('torch')}, triton {env.get('triton')}, "
              f"commit {env.get('git_commit')}, created {result.get('created')}", "",
-             "| model / workload | backend | status | tok/s p50 | TFLOP/s | x base (median of rounds) "
-             "| 95% CI | rounds min..max | SM MHz / W / power-capped |",
-             "|---|---|---|---:|---:|---:|---|---|---|"]
-    for g in result["groups"]:
-        for e in g["cases"]:
-            ok = e["status"] == "ok"
-            rr, ci, tel = e.get("ratio_rounds") or [], e.get("ratio_ci95"), e.get("telemetry") or {}
-            smi = (f"{tel['sm_mhz_mean']:.0f} / {tel['power_w_mean']:.0f} / {tel['power_cap_frac']:.0%}"
-                   if "sm_mhz_mean" in tel else tel.get("error", ""))
-            lines.append("| " + " | ".join([
-                g["group"].replace(" | ", " / "), e["label"].split(" | ")[1],
-                e["status"] if ok else f"{e['status']}: {e['reason']}".replace("|", "/"),
-                f"{e['tokens_per_s_p50']:,.0f}" if ok else "", f"{e['tflops']:.3g}" if ok else "",
-                f"{e['ratio']:.3f}x" if ok and e.get("ratio") is not None else "",
-                f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "",
-                f"{min(rr):.3f}..{max(rr):.3f}" if rr else "", smi]) + " |")
+             "| " + " | ".join(COLUMNS) + " |", "|---|---|---|---:|---:|---:|---|---|---|"]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows(result)]
     return "\n".join(lines) + "\n"
 
 

@@ -2,9 +2,9 @@
 
 Why: on the H100 one backend's steps can run at the power cap at lowered SM clocks while another's do not
 (results/triton_dev/v8_smi_trace_h100.csv). A speed-up is then partly a power-state difference, and the
-samples say so next to the timings. `Sampler` runs nvidia-smi in the background; `window(t0, t1)` summarises
-the samples received between two time.monotonic() stamps (arrival time: a sample lags the GPU by up to one
-period).
+samples say so next to the timings. `Sampler` runs nvidia-smi in the background; `summary(windows)`
+summarises the samples received inside (t0, t1) time.monotonic() windows (arrival time: a sample lags the GPU
+by up to one period).
 MOEBENCH_SMI names another executable with nvidia-smi's output format (tests use a stand-in).
 """
 from __future__ import annotations
@@ -61,10 +61,9 @@ class Sampler:
             if not self.samples and self.error is None:
                 self.error = "nvidia-smi gave no samples"
 
-    def window(self, t0: float, t1: float) -> dict | None:
-        """Summary of the samples that arrived in [t0, t1], or None when there are none."""
-        got = [s for s in list(self.samples) if t0 <= s[0] <= t1]
-        return summarise(got)
+    def summary(self, windows: list[tuple[float, float]]) -> dict | None:
+        """Summary of the samples that arrived inside any (t0, t1) window; None when there are none."""
+        return summarise([s for s in list(self.samples) if any(t0 <= s[0] <= t1 for t0, t1 in windows)])
 
 
 def summarise(samples) -> dict | None:

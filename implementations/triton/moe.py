@@ -190,7 +190,6 @@ class Launcher:
 
     def rows_gemm_tma(self, kind, a_SK, b_EXN, transpose_b: bool, p_S, out_SN, scatter=True):
         """rows_gemm for A in sorted-row order, both operands by tensor descriptor (rows_gemm_tma_kernel)."""
-        from triton.tools.tensor_descriptor import TensorDescriptor
         R = self.R
         E, Kdim = self.E, a_SK.shape[1]
         N = b_EXN.shape[1] if transpose_b else b_EXN.shape[2]
@@ -199,8 +198,8 @@ class Launcher:
 
         def launch(cfg):
             tile_e, tile_r0, n = R.schedule(cfg.BM)
-            a_desc = TensorDescriptor.from_tensor(a_SK, [cfg.BM, cfg.BK])
-            b_desc = TensorDescriptor.from_tensor(b_2d, [cfg.BN, cfg.BK] if transpose_b else [cfg.BK, cfg.BN])
+            a_desc = _desc(a_SK, [cfg.BM, cfg.BK])
+            b_desc = _desc(b_2d, [cfg.BN, cfg.BK] if transpose_b else [cfg.BK, cfg.BN])
             self.kn.rows_gemm_tma_kernel[(n * _cdiv(N, cfg.BN),)](
                 a_desc, b_desc, R.orow_S, p_S if scale else a_SK, tile_e, tile_r0, R.ends_E, out_SN,
                 N, Kdim, n, out_SN.stride(0), TRANS_B=transpose_b, SCATTER=scatter, SCALE_P=scale,
@@ -267,13 +266,12 @@ class Launcher:
     def wgrad_tma(self, a, b, gather_a: bool, gather_b: bool, out_EMN, kind="wgrad_tma"):
         """As wgrad (a, b row-major, unit column stride), with the operand that is not gathered read through a
         tensor descriptor (TMA on Hopper)."""
-        from triton.tools.tensor_descriptor import TensorDescriptor
         R = self.R
         M, N = out_EMN.shape[1], out_EMN.shape[2]
 
         def launch(cfg):
-            a_desc = TensorDescriptor.from_tensor(a, [cfg.BK, cfg.BM])
-            b_desc = TensorDescriptor.from_tensor(b, [cfg.BK, cfg.BN])
+            a_desc = _desc(a, [cfg.BK, cfg.BM])
+            b_desc = _desc(b, [cfg.BK, cfg.BN])
             grid = (self.E * _cdiv(M, cfg.BM) * _cdiv(N, cfg.BN),)
             self.kn.wgrad_tma_kernel[grid](
                 a, a_desc, b, b_desc, R.tok_S, R.starts_E, R.ends_E, out_EMN, M, N, a.stride(0), b.stride(0),
