@@ -13,6 +13,6 @@ mkdir -p /root/.cache/moebench
 [ -f /root/.cache/moebench/triton_tune.json ] || cp results/triton_dev/v8_tune.json /root/.cache/moebench/triton_tune.json
 OUT=${OUT:-out}; mkdir -p "$OUT"
 start=$(date +%s)
-python3 -m moebench paired "$@" -d cuda -o "$OUT/paired-$tag.json" > "$OUT/paired-$tag.log" 2>&1
+python3 -m moebench paired "$@" --device cuda -o "$OUT/paired-$tag.json" > "$OUT/paired-$tag.log" 2>&1
 echo "== paired $tag: exit $? in $(( $(date +%s) - start )) s"; cat "$OUT/paired-$tag.log" | tail -30
 cp /root/.cache/moebench/triton_tune.json "$OUT/triton_tune.json"

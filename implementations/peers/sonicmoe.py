@@ -20,7 +20,9 @@ that way and no copy is made per call. Option `gate_up` says how w1's 2F rows ar
 Canonically stored weights (parity of older code, direct calls) are copied to its layout per call.
 Its first call for each shape compiles and autotunes its GEMMs (quack) for minutes: warm up outside the timed region.
 """
+import importlib
 import importlib.util
+import sys
 
 import torch
 
@@ -41,10 +43,22 @@ def sonic_weights(w1_EDF2: torch.Tensor, w2_EFD: torch.Tensor, gate_up: str = "c
     return w1_E2FD.permute(1, 2, 0), w2_EDF.permute(1, 2, 0)
 
 
+def _import(name: str):
+    """Import a sonicmoe module with the process's argv hidden: nvidia-cutlass-dsl parses sys.argv with argparse when
+    it is imported, and `moebench paired ... -d cuda` (which runs cases in-process) failed there: `-d` abbreviates its
+    `-diagnostic` flag ("invalid choice: 'cuda'")."""
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.argv = argv
+
+
 def _top_k(x_TD, idx_TK, s_TK, w1, w2, act, inference, concat):
     """SonicMoE's fixed-K layer body (moe_TC_softmax_topk_layer after its router) on our routing decisions."""
-    from sonicmoe.functional import _DownProjection, _UpProjection
-    from sonicmoe.functional.triton_kernels import TC_topk_router_metadata_triton
+    functional = _import("sonicmoe.functional")
+    _UpProjection, _DownProjection = functional._UpProjection, functional._DownProjection
+    TC_topk_router_metadata_triton = _import("sonicmoe.functional.triton_kernels").TC_topk_router_metadata_triton
 
     T, K = idx_TK.shape
     E, S, dev = w2.shape[-1], idx_TK.numel(), idx_TK.device
@@ -64,8 +78,8 @@ def forward(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, routing_path="general", gate_up
         raise ValueError(f"sonicmoe: routing_path must be one of {', '.join(ROUTING_PATHS)}, got {routing_path!r}")
     if gate_up not in GATE_UP_ROWS:
         raise ValueError(f"sonicmoe: gate_up must be one of {', '.join(GATE_UP_ROWS)}, got {gate_up!r}")
-    import sonicmoe
-    from sonicmoe.enums import ActivationType
+    sonicmoe = _import("sonicmoe")
+    ActivationType = _import("sonicmoe.enums").ActivationType
 
     T, K = idx_TK.shape
     w1, w2 = sonic_weights(w1_EDF2, w2_EFD, gate_up)
