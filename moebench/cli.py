@@ -141,9 +141,10 @@ def compare(
 
 @app.command()
 def paired(
-    suite: str = typer.Option(..., "--suite", "-s", help="suite name or path to a .toml"),
+    suite: Optional[str] = typer.Option(None, "--suite", "-s", help="suite name or path to a .toml"),
     backends: str = typer.Option(..., "--backends", "-b", help="comma-separated; the first is the base the "
-                                 "others are compared with"),
+                                 "others are compared with (with --from: the one new base, as the table names it, e.g. "
+                                 "triton,recompute=100)"),
     match: Optional[list[str]] = typer.Option(None, "--match", "-m", help="keep cases whose label contains this "
                                               "(repeatable: all must match)"),
     exclude: Optional[list[str]] = typer.Option(None, "--exclude", "-x", help="drop cases whose label contains "
@@ -152,18 +153,43 @@ def paired(
     rounds: int = typer.Option(6, "--rounds", "-r", min=2, help="interleaved rounds (one ratio each)"),
     steps: int = typer.Option(5, "--steps", min=1, help="timed steps per case per round"),
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="write the result (JSON) here"),
+    from_path: Optional[Path] = typer.Option(None, "--from", help="no timing: re-base a saved result (JSON) on "
+                                             "the backend given by --backends"),
 ):
     """Time backends on the same model and workload in interleaved rounds, so that each ratio comes from one
     window of clocks, temperature and power state (time only; memory is measured by `run`)."""
     import json
 
     from rich.progress import Progress
-    from rich.table import Table
 
     from moebench import paired as pr
     from moebench import registry, runner
     from moebench.suite import SuiteError, load
 
+    names = _csv(backends) or []
+    if out_path is not None:
+        try:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.open("a").close()
+        except OSError as e:
+            _fail(f"--out: cannot write {out_path}: {e.strerror or e}")
+    if from_path is not None:
+        if suite is not None:
+            _fail("--from re-bases a saved result: give one backend with --backends and no --suite")
+        try:
+            saved = json.loads(from_path.read_text())
+        except (OSError, ValueError) as e:
+            _fail(f"--from: cannot read {from_path}: {getattr(e, 'strerror', None) or e}")
+        if not isinstance(saved, dict) or saved.get("kind") != pr.KIND:
+            _fail(f"--from: {from_path} is not a `moebench paired` result (no kind '{pr.KIND}')")
+        try:
+            result = pr.rebase(saved, backends.strip())  # one label's backend part: `triton,recompute=100`
+        except ValueError as e:
+            _fail(f"--backends: {from_path}: {e}")
+        _paired_out(result, out_path)
+        return
+    if suite is None:
+        _fail("--suite is required (or --from a saved result)")
     dev = device or runner.default_device()
     if dev not in ("cpu", "cuda"):
         _fail(f"--device must be cpu or cuda, got '{dev}'")
@@ -171,7 +197,6 @@ def paired(
         import torch
         if not torch.cuda.is_available():
             _fail("--device cuda: torch.cuda.is_available() is False on this machine")
-    names = _csv(backends) or []
     try:
         cases = load(suite, device=dev, backends=names)
     except SuiteError as e:
@@ -183,15 +208,22 @@ def paired(
     if not gs:
         _fail(f"no model/workload of suite '{suite}' has a case of base backend '{names[0]}' and another one "
               f"after --backends/--match/--exclude ({len(cases)} case(s) left)")
-    if out_path is not None:
-        try:
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            out_path.open("a").close()
-        except OSError as e:
-            _fail(f"--out: cannot write {out_path}: {e.strerror or e}")
     with Progress(console=err, transient=True) as progress:
         result = pr.run([c for g in gs for c in g], names[0], rounds, steps, progress)
-    t = Table(title=f"paired: {rounds} rounds x {steps} steps per case, base {names[0]}")
+    _paired_out(result, out_path)
+
+
+def _paired_out(result: dict, out_path: Optional[Path]):
+    """Print a paired result's table; with --out, write its JSON, markdown and plot."""
+    import json
+
+    from rich.table import Table
+
+    from moebench import paired as pr
+
+    t = Table(title=f"paired: {result['rounds']} rounds x {result['steps']} steps per case, base "
+              f"{result['base_backend']}" + (f" (re-based from {result['rebased_from']})"
+                                             if result.get("rebased_from") else ""))
     for c in pr.COLUMNS:
         t.add_column(c)
     for row in pr.rows(result):

@@ -102,6 +102,45 @@ def _interval(ratios: list[float]) -> list[float] | None:
     return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
 
 
+def _speedup(base_rounds: list[list[float]], rounds: list[list[float]]) -> dict:
+    """Speed-up against the base from the blocks of the same rounds: per round, the base's median step time over
+    this case's; their median, and the bootstrap interval of that median."""
+    ratios = [float(np.median(b) / np.median(c)) for b, c in zip(base_rounds, rounds)]
+    return {"ratio_rounds": ratios, "ratio": float(np.median(ratios)) if ratios else math.nan,
+            "ratio_ci95": _interval(ratios)}
+
+
+def backend_of(entry: dict) -> str:
+    """The backend part of a case's label, options included (`triton,recompute=100`)."""
+    return entry["label"].split(" | ")[1]
+
+
+def rebase(result: dict, base: str) -> dict:
+    """The same measurement with the speed-ups taken against another backend of each group (`base` as in a
+    label's backend part, e.g. `sonicmoe` or `triton,recompute=100`): per-round ratios pair the blocks of one
+    round, as when it ran. A group without an ok case of `base` keeps its cases with no ratio, and says why.
+    Raises ValueError naming the valid choices when no group has one."""
+    choices = sorted({backend_of(e) for g in result["groups"] for e in g["cases"] if e["status"] == "ok"})
+    if base not in choices:
+        raise ValueError(f"no ok case of backend '{base}' in this result; valid: {', '.join(choices) or 'none'}")
+    out = {**result, "base_backend": base, "rebased_from": result.get("rebased_from", result["base_backend"]),
+           "groups": []}
+    for g in result["groups"]:
+        cases = [dict(e) for e in g["cases"]]
+        b = next((e for e in cases if e["status"] == "ok" and backend_of(e) == base), None)
+        for e in cases:
+            for k in ("ratio_rounds", "ratio", "ratio_ci95", "why_no_ratio"):
+                e.pop(k, None)
+            if b is None:
+                e |= {"ratio": None, "why_no_ratio": f"no ok case of {base} in this group"}
+            elif e["status"] == "ok":
+                e |= _speedup(b["samples_ms"], e["samples_ms"])
+        if b is not None:
+            cases.sort(key=lambda e: e is not b)
+        out["groups"].append({**g, "base": b["label"] if b else None, "cases": cases})
+    return out
+
+
 def run_group(cases: list[Case], rounds: int, steps: int, on_round=None) -> dict:
     """Time one group (base case first) in `rounds` interleaved rounds of `steps` timed steps per case."""
     device = torch.device(cases[0].device)
@@ -144,10 +183,7 @@ def run_group(cases: list[Case], rounds: int, steps: int, on_round=None) -> dict
         if smi is not None:  # clocks and power while this case's timed blocks ran
             e["telemetry"] = smi.summary(windows[i]) if smi.error is None else {"error": smi.error}
         if base is not None:
-            k = min(len(base), len(per_round))
-            ratios = [float(np.median(base[r]) / np.median(per_round[r])) for r in range(k)]
-            e |= {"ratio_rounds": ratios, "ratio": float(np.median(ratios)) if ratios else math.nan,
-                  "ratio_ci95": _interval(ratios)}
+            e |= _speedup(base, per_round)
         entries[i] = e
     if 0 not in samples:
         for e in entries:
@@ -197,10 +233,11 @@ def rows(result: dict) -> list[list[str]]:
 def markdown(result: dict) -> str:
     """The result as a markdown table (one row per case), with the environment it ran in."""
     env = result.get("env") or {}
-    lines = [f"# moebench paired: {result['rounds']} rounds x {result['steps']} timed steps per case, "
-             f"base `{result['base_backend']}`", "",
-             f"{env.get('gpu') or env.get('cpu')}, torch {env.get('torch')}, triton {env.get('triton')}, "
-             f"commit {env.get('git_commit')}, created {result.get('created')}", "",
+    rebased = f" (re-based from `{result['rebased_from']}`)" if result.get("rebased_from") else ""
+    lines = [(f"# moebench paired: {result['rounds']} rounds x {result['steps']} timed steps per case, "
+              f"base `{result['base_backend']}`{rebased}"), "",
+             (f"{env.get('gpu') or env.get('cpu')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+              f"commit {env.get('git_commit')}, created {result.get('created')}"), "",
              "| " + " | ".join(COLUMNS) + " |", "|---|---|---|---:|---:|---:|---|---|---|"]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows(result)]
     return "\n".join(lines) + "\n"

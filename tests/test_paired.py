@@ -140,3 +140,71 @@ def test_telemetry_parses_and_summarises():
     assert got["n"] == 3 and got["sm_mhz_min"] == 1200 and got["power_cap_frac"] == pytest.approx(2 / 3)
     assert got["thermal_frac"] == pytest.approx(1 / 3) and got["temp_c_max"] == 80
     assert telemetry.summarise([]) is None
+
+
+def _saved(groups):
+    """A saved paired result: groups of (backend label part, status, per-round step times in ms)."""
+    def entry(model, b, status, rounds):
+        e = {"label": f"{model} | {b} | layer/train float32 2x16 uniform", "backend": b.split(",")[0],
+             "status": status, "reason": "" if status == "ok" else "why"}
+        if status == "ok":
+            e |= {"samples_ms": rounds, "step_ms_p50": float(np.median(rounds)), "tokens_per_s_p50": 1.0,
+                  "tflops": 1.0}
+        return e
+    return {"kind": paired.KIND, "schema": paired.SCHEMA, "rounds": 4, "steps": 2, "base_backend": "naive",
+            "env": {"cpu": "test"}, "groups": [{"group": f"{m} | w", "base": "", "cases": [entry(m, *c) for c in cs]}
+                                               for m, cs in groups]}
+
+
+def test_rebase_takes_ratios_against_another_backend_round_by_round():
+    base = [[10.0, 10.2], [12.0, 12.4], [10.0, 10.0], [11.0, 11.0]]
+    fast = [[5.0, 5.2], [4.0, 4.0], [5.0, 5.0], [5.5, 5.5]]  # its own round-to-round drift: ratios differ per round
+    other = [[20.0, 20.0], [24.0, 24.0], [20.0, 20.0], [22.0, 22.0]]
+    res = _saved([("m1", [("naive", "ok", base), ("triton,recompute=100", "ok", fast), ("shuffle", "ok", other)]),
+                  ("m2", [("naive", "ok", base), ("shuffle", "failed", None)])])
+    rb = paired.rebase(res, "triton,recompute=100")
+    g1, g2 = rb["groups"]
+    assert rb["base_backend"] == "triton,recompute=100" and rb["rebased_from"] == "naive"
+    assert paired.backend_of(g1["cases"][0]) == "triton,recompute=100" and g1["base"] == g1["cases"][0]["label"]
+    nv = next(e for e in g1["cases"] if e["backend"] == "naive")
+    want = [np.median(f) / np.median(b) for b, f in zip(base, fast)]  # triton's time over naive's, per round
+    assert nv["ratio_rounds"] == pytest.approx(want) and nv["ratio"] == pytest.approx(np.median(want))
+    assert nv["ratio_ci95"][0] <= nv["ratio"] <= nv["ratio_ci95"][1]
+    sh = next(e for e in g1["cases"] if e["backend"] == "shuffle")
+    assert sh["ratio_rounds"] == pytest.approx([np.median(f) / np.median(o) for o, f in zip(other, fast)])
+    # a group without the new base keeps its cases, with no ratio and the reason
+    assert all(e["ratio"] is None and "no ok case of triton" in e["why_no_ratio"] for e in g2["cases"])
+    assert "ratio_rounds" not in g2["cases"][0]
+    # back to the first base: the ratios of the run itself, and the saved result is untouched
+    res0 = paired.rebase(res, "naive")
+    t = next(e for e in res0["groups"][0]["cases"] if e["backend"] == "triton")
+    assert t["ratio_rounds"] == pytest.approx([np.median(b) / np.median(f) for b, f in zip(base, fast)])
+    assert "ratio" not in res["groups"][0]["cases"][1] and res["base_backend"] == "naive"
+    with pytest.raises(ValueError, match="valid: naive, shuffle, triton,recompute=100"):
+        paired.rebase(res, "sonicmoe")
+
+
+def test_cli_paired_from_rebases_a_saved_file_and_names_bad_input(tmp_path, cli_env):
+    src = tmp_path / "saved.json"
+    base, fast = [[10.0], [12.0], [10.0]], [[5.0], [4.0], [5.0]]
+    src.write_text(json.dumps(_saved([("m1", [("naive", "ok", base), ("triton,recompute=100", "ok", fast)])])))
+    out = tmp_path / "re" / "b.json"
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "moebench", "paired", *args], capture_output=True, text=True,
+                              env=cli_env, timeout=120, check=False)
+    ok = cli("--from", str(src), "-b", "triton,recompute=100", "-o", str(out))  # a base with options: one name
+    assert ok.returncode == 0, ok.stderr
+    res = json.loads(out.read_text())
+    nv = next(e for e in res["groups"][0]["cases"] if e["backend"] == "naive")
+    assert nv["ratio_rounds"] == pytest.approx([0.5, 4 / 12, 0.5])
+    assert "re-based from `naive`" in out.with_suffix(".md").read_text()
+    bad = cli("--from", str(src), "-b", "sonicmoe")
+    assert bad.returncode == 2 and "valid: naive, triton,recompute=100" in bad.stderr and str(src) in bad.stderr
+    both = cli("--from", str(src), "-b", "shuffle", "-s", "ci")
+    assert both.returncode == 2 and "no --suite" in both.stderr
+    notpaired = tmp_path / "x.json"
+    notpaired.write_text("{}")
+    assert "not a `moebench paired` result" in cli("--from", str(notpaired), "-b", "shuffle").stderr
+    assert "cannot read" in cli("--from", str(tmp_path / "missing.json"), "-b", "shuffle").stderr
+    assert "--suite is required" in cli("-b", "naive,shuffle").stderr

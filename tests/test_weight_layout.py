@@ -219,3 +219,23 @@ def test_sonicmoe_bad_option_names_the_choices(sonic):
     with pytest.raises(ValueError, match="routing_path must be one of general, top_k"):
         peer.forward(x, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1), torch.randn(2, 8, 4),
                      torch.randn(2, 2, 8), routing_path="fixed")
+
+
+def test_sonicmoe_is_imported_with_argv_hidden(tmp_path, monkeypatch):
+    """nvidia-cutlass-dsl parses sys.argv with argparse when sonicmoe imports it; under `moebench paired -d cuda`
+    (cases run in-process) `-d` matched its `-diagnostic` flag and the import failed. The adapter hides argv."""
+    pkg = tmp_path / "argv_probe_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "import argparse\n"
+        "p = argparse.ArgumentParser()\n"
+        "p.add_argument('-diagnostic', choices=['all', 'fail'])\n"
+        "p.parse_known_args()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["moebench", "paired", "-s", "h100", "-d", "cuda"])
+    with pytest.raises(SystemExit):  # what importing it with paired's argv did
+        importlib.import_module("argv_probe_pkg")
+    sys.modules.pop("argv_probe_pkg", None)
+    assert peer._import("argv_probe_pkg").p is not None
+    assert sys.argv == ["moebench", "paired", "-s", "h100", "-d", "cuda"]  # restored
+    sys.modules.pop("argv_probe_pkg", None)
