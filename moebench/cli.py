@@ -106,20 +106,29 @@ def run(
 def report(
     paths: list[Path] = typer.Argument(..., help="results JSONL file(s)"),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="report directory (default reports/<first file's stem>)"),
+    paired_paths: Optional[list[Path]] = typer.Option(None, "--paired", "-p", help="a `moebench paired` result "
+                                                      "(JSON) to add as a table and plot (repeatable)"),
 ):
     """Render report.md, a self-contained index.html and PNG plots from results files."""
     from rich.markup import escape
 
+    from moebench import paired as pr
     from moebench import report as rep
     from moebench import results
 
+    paired_results = []
+    for p in paired_paths or []:
+        try:
+            paired_results.append((str(p), pr.load(p)))
+        except ValueError as e:
+            _fail(f"--paired: {e}")
     loaded = results.read(paths)
     for problem in loaded.problems:
         err.print("[yellow]warning:[/] " + escape(problem), highlight=False, soft_wrap=True)
     if not loaded.records:
         _fail("no usable records in " + ", ".join(map(str, paths)))
     out_dir = out_dir or Path("reports") / paths[0].stem
-    r = rep.write(loaded, out_dir, [str(p) for p in paths])
+    r = rep.write(loaded, out_dir, [str(p) for p in paths], paired=paired_results)
     err.print(f"{sum(r.counts.values())} record(s), {len(r.plots)} plot(s): {out_dir / 'index.html'}, "
               f"{out_dir / 'report.md'}", markup=False)
 
@@ -158,8 +167,6 @@ def paired(
 ):
     """Time backends on the same model and workload in interleaved rounds, so that each ratio comes from one
     window of clocks, temperature and power state (time only; memory is measured by `run`)."""
-    import json
-
     from rich.progress import Progress
 
     from moebench import paired as pr
@@ -177,11 +184,9 @@ def paired(
         if suite is not None:
             _fail("--from re-bases a saved result: give one backend with --backends and no --suite")
         try:
-            saved = json.loads(from_path.read_text())
-        except (OSError, ValueError) as e:
-            _fail(f"--from: cannot read {from_path}: {getattr(e, 'strerror', None) or e}")
-        if not isinstance(saved, dict) or saved.get("kind") != pr.KIND:
-            _fail(f"--from: {from_path} is not a `moebench paired` result (no kind '{pr.KIND}')")
+            saved = pr.load(from_path)
+        except ValueError as e:
+            _fail(f"--from: {e}")
         try:
             result = pr.rebase(saved, backends.strip())  # one label's backend part: `triton,recompute=100`
         except ValueError as e:

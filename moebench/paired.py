@@ -115,6 +115,21 @@ def backend_of(entry: dict) -> str:
     return entry["label"].split(" | ")[1]
 
 
+def load(path) -> dict:
+    """A saved `moebench paired` result (its JSON). Raises ValueError naming the file and what is wrong."""
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            result = json.load(f)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON: {e}") from None
+    if not isinstance(result, dict) or result.get("kind") != KIND or not isinstance(result.get("groups"), list):
+        raise ValueError(f"{path}: not a `moebench paired` result (no kind '{KIND}' with groups)")
+    return result
+
+
 def rebase(result: dict, base: str) -> dict:
     """The same measurement with the speed-ups taken against another backend of each group (`base` as in a
     label's backend part, e.g. `sonicmoe` or `triton,recompute=100`): per-round ratios pair the blocks of one

@@ -555,8 +555,23 @@ def claims_table(df: pd.DataFrame) -> Table | None:
 
 
 # --------------------------------------------------------------------------------------------- render
-def build(loaded: results.Loaded, inputs: list[str]) -> Report:
-    """All plots and tables of a report, in memory."""
+def paired_parts(source: str, result: dict) -> tuple[Plot | None, Table]:
+    """A `moebench paired` result as a report plot (per-round speed-ups) and table (moebench/paired.py's rows)."""
+    from moebench import paired as pr
+
+    env = result.get("env") or {}
+    stem = Path(source).stem.removeprefix("paired-")
+    base = result["base_backend"] + (f", re-based from {result['rebased_from']}" if result.get("rebased_from") else "")
+    where = (f"`{source}`: {result['rounds']} interleaved rounds x {result['steps']} timed steps per case, base "
+             f"{base}; {env.get('gpu') or env.get('cpu')}, commit {env.get('git_commit')}.")
+    png = pr.plot(result)
+    plot = Plot(f"paired-{stem}", f"Paired: {stem}", where + " Dots: per-round speed-ups; bar: their median; "
+                "whisker: 95% bootstrap interval.", png) if png else None
+    return plot, Table(f"Paired: {stem}", list(pr.COLUMNS), pr.rows(result), note=where)
+
+
+def build(loaded: results.Loaded, inputs: list[str], paired: list[tuple[str, dict]] = ()) -> Report:
+    """All plots and tables of a report, in memory; `paired`: (source, result) of `moebench paired` runs."""
     if not loaded.records:
         raise NoUsableRecords("no usable records in " + ", ".join(inputs)
                               + "".join(f"\n  {p}" for p in loaded.problems))
@@ -566,8 +581,15 @@ def build(loaded: results.Loaded, inputs: list[str]) -> Report:
     rep = Report(inputs=inputs, counts={s: int(counts.get(s, 0)) for s in results.STATUSES if counts.get(s)},
                  problems=list(loaded.problems))
     rep.plots = [p for f in PLOTS if (p := f(cur)) is not None]
-    rep.tables = [t for t in (results_table(cur), train_table(cur), status_table(df), claims_table(df), env_table(loaded.records))
+    rep.tables = [t for t in (results_table(cur), train_table(cur), status_table(df), claims_table(df))
                   if t is not None]
+    for source, result in paired:
+        plot, table = paired_parts(source, result)
+        rep.plots += [plot] if plot else []
+        rep.tables.append(table)
+        rep.inputs = rep.inputs + [source]
+    if (t := env_table(loaded.records)) is not None:
+        rep.tables.append(t)
     return rep
 
 
@@ -581,9 +603,9 @@ def _env():
     return e
 
 
-def write(loaded: results.Loaded, out_dir: Path, inputs: list[str]) -> Report:
+def write(loaded: results.Loaded, out_dir: Path, inputs: list[str], paired: list[tuple[str, dict]] = ()) -> Report:
     """Write index.html (self-contained), report.md and plots/*.png into out_dir."""
-    rep = build(loaded, inputs)
+    rep = build(loaded, inputs, paired)
     out_dir = Path(out_dir)
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
     for old in (out_dir / "plots").glob("*.png"):  # a re-render must not leave plots whose data is gone

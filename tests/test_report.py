@@ -224,3 +224,44 @@ def test_run_renders_the_report_at_the_end(tmp_path, monkeypatch):
     html = tmp_path / "reports" / "one" / "index.html"
     assert html.exists(), res.output
     assert {f.stem for f in (tmp_path / "reports" / "one" / "plots").glob("*.png")} >= {"throughput", "speedup"}
+
+
+def _paired_result():
+    """A saved `moebench paired` result: one group, a base and a case 2x faster in every round."""
+    def case(b, ms):
+        return {"label": f"tiny | {b} | layer/train float32 2x16 uniform", "backend": b, "status": "ok",
+                "samples_ms": [[ms, ms]] * 3, "step_ms_p50": ms, "tokens_per_s_p50": 32 / ms * 1e3,
+                "tflops": 1e-3}
+    from moebench import paired
+    res = {"kind": paired.KIND, "schema": paired.SCHEMA, "rounds": 3, "steps": 2, "base_backend": "naive",
+           "env": {"cpu": "test-cpu", "git_commit": "abc1234"},
+           "groups": [{"group": "tiny | layer/train float32 2x16 uniform | cpu", "base": "",
+                       "cases": [case("naive", 10.0), case("shuffle", 5.0)]}]}
+    return paired.rebase(res, "naive")  # the ratios as a run writes them
+
+
+def test_paired_results_join_the_report_as_plot_and_table(tmp_path, records):
+    src = syn.write(tmp_path / "r.jsonl", records)
+    pj = tmp_path / "paired-ab.json"
+    pj.write_text(json.dumps(_paired_result()))
+    res = runner.invoke(app, ["report", str(src), "-p", str(pj), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert str(pj) in md.splitlines()[2]  # listed among the inputs
+    assert "## Paired: ab" in md and "](plots/paired-ab.png)" in md
+    row = next(line for line in md.splitlines() if line.startswith("| tiny / layer/train") and "shuffle" in line)
+    assert "| 2.000x |" in row and "commit abc1234" in md
+    assert (tmp_path / "out" / "plots" / "paired-ab.png").read_bytes()[:8] == PNG
+    html = (tmp_path / "out" / "index.html").read_text()
+    assert "Paired: ab" in html
+    # the env table stays last
+    assert md.rindex("## Paired: ab") < md.rindex("## Environment of each run")
+
+
+def test_a_bad_paired_file_exits_2_naming_it(tmp_path, records):
+    src = syn.write(tmp_path / "r.jsonl", records)
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"kind": "something-else"}))
+    res = runner.invoke(app, ["report", str(src), "-p", str(bad), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and str(bad) in res.output and "not a `moebench paired` result" in res.output
+    assert not (tmp_path / "out").exists()
