@@ -227,8 +227,7 @@ def _paired_out(result: dict, out_path: Optional[Path]):
     from moebench import paired as pr
 
     t = Table(title=f"paired: {result['rounds']} rounds x {result['steps']} steps per case, base "
-              f"{result['base_backend']}" + (f" (re-based from {result['rebased_from']})"
-                                             if result.get("rebased_from") else ""))
+              f"{pr.base_text(result)}")
     for c in pr.COLUMNS:
         t.add_column(c)
     for row in pr.rows(result):

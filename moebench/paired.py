@@ -115,6 +115,13 @@ def backend_of(entry: dict) -> str:
     return entry["label"].split(" | ")[1]
 
 
+def base_text(result: dict, quote: str = "") -> str:
+    """The base backend as titles say it: `grouped_mm`, or `sonicmoe (re-based from grouped_mm)`."""
+    q = quote
+    rebased = f" (re-based from {q}{result['rebased_from']}{q})" if result.get("rebased_from") else ""
+    return f"{q}{result['base_backend']}{q}{rebased}"
+
+
 def load(path) -> dict:
     """A saved `moebench paired` result (its JSON). Raises ValueError naming the file and what is wrong."""
     import json
@@ -248,9 +255,8 @@ def rows(result: dict) -> list[list[str]]:
 def markdown(result: dict) -> str:
     """The result as a markdown table (one row per case), with the environment it ran in."""
     env = result.get("env") or {}
-    rebased = f" (re-based from `{result['rebased_from']}`)" if result.get("rebased_from") else ""
     lines = [(f"# moebench paired: {result['rounds']} rounds x {result['steps']} timed steps per case, "
-              f"base `{result['base_backend']}`{rebased}"), "",
+              f"base {base_text(result, '`')}"), "",
              (f"{env.get('gpu') or env.get('cpu')}, torch {env.get('torch')}, triton {env.get('triton')}, "
               f"commit {env.get('git_commit')}, created {result.get('created')}"), "",
              "| " + " | ".join(COLUMNS) + " |", "|---|---|---|---:|---:|---:|---|---|---|"]

@@ -561,9 +561,8 @@ def paired_parts(source: str, result: dict) -> tuple[Plot | None, Table]:
 
     env = result.get("env") or {}
     stem = Path(source).stem.removeprefix("paired-")
-    base = result["base_backend"] + (f", re-based from {result['rebased_from']}" if result.get("rebased_from") else "")
     where = (f"`{source}`: {result['rounds']} interleaved rounds x {result['steps']} timed steps per case, base "
-             f"{base}; {env.get('gpu') or env.get('cpu')}, commit {env.get('git_commit')}.")
+             f"{pr.base_text(result)}; {env.get('gpu') or env.get('cpu')}, commit {env.get('git_commit')}.")
     png = pr.plot(result)
     plot = Plot(f"paired-{stem}", f"Paired: {stem}", where + " Dots: per-round speed-ups; bar: their median; "
                 "whisker: 95% bootstrap interval.", png) if png else None
