@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.profile_layer import SEQ, parse_backend
-from moebench import harness
+from moebench import core
 from moebench.spec import Case, Workload, preset
 
 
@@ -39,8 +39,9 @@ def main():
             case = Case(model=preset(name), backend=backend, backend_options=opts, device="cuda",
                         workload=Workload(level="layer", mode="train", batch=1, seq=SEQ.get(name, 16384),
                                           dtype="bfloat16", routing="uniform"))
-            step = harness.build_step(case, dev)[0]
-            n = harness._warm_up(step, 3, dev)
+            st = core.build_step(case, dev)
+            n = core.warm_up(st, 3, dev)[0]
+            step = st.run
             host, gpu = [], []
             for i in range(args.steps):
                 torch.cuda.synchronize()

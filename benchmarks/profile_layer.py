@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moebench import envinfo, harness
+from moebench import core, envinfo
 from moebench.spec import Case, Workload, preset
 
 SEQ = {"fine-128x8-layer": 24576, "mid-64x4-layer": 24576, "coarse-32x2-layer": 24576}
@@ -38,10 +38,11 @@ def profile_one(name: str, backend: str, opts: dict, reps: int, routing: str) ->
     case = Case(model=preset(name), backend=backend, backend_options=opts, device="cuda",
                 workload=Workload(level="layer", mode="train", batch=1, seq=SEQ.get(name, 16384),
                                   dtype="bfloat16", routing=routing))
-    step = harness.build_step(case, dev)[0]
-    n = harness._warm_up(step, 3, dev)
-    flush = torch.empty(harness.L2_FLUSH_BYTES // 4, device=dev)
-    step_ms, _ = harness.timed_steps(step, n, reps, dev, flush)
+    st = core.build_step(case, dev)
+    n = core.warm_up(st, 3, dev)[0]
+    flush = core.l2_flush(case, dev)
+    step_ms, _ = core.timed_block(st, n, reps, dev, flush)
+    step = st.run
     torch.cuda.synchronize()
     sync = "ok"
     torch.cuda.set_sync_debug_mode("error")

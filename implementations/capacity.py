@@ -9,6 +9,8 @@ whatever the routing, which is the Switch trade: fixed shapes (one bmm per proje
 dropped tokens and padding. Not dropless, so parity compares it with `naive` on the kept slots only
 (Backend.capacity tells the harness C; the harness records the dropped fraction from the loads).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -41,6 +43,13 @@ def _capacity(T: int, K: int, E: int, capacity_factor: float = DEFAULT_CF) -> in
     return capacity(T, K, E, capacity_factor)
 
 
+def _validate(options: dict) -> str | None:
+    cf = options.get("capacity_factor", DEFAULT_CF)
+    if not (isinstance(cf, (int, float)) and math.isfinite(cf) and cf > 0):
+        return f"capacity_factor must be a finite number > 0 (slots per expert = ceil(cf * T * K / E)), got {cf!r}"
+    return None
+
+
 register(Backend(
     name="capacity",
     forward=forward,
@@ -48,4 +57,5 @@ register(Backend(
     dropless=False,
     options={"capacity_factor": DEFAULT_CF},
     capacity=_capacity,
+    validate=_validate,
 ))

@@ -25,6 +25,13 @@ weights and per slot the local expert id there (-1: elsewhere); the receiver exp
 local backend, sums a row's slots, and sends one row back per (token, rank). With K=8 over 2 ranks that is about
 2 rows per token on the wire instead of 8 (1 instead of 4 remote), for two more local gather/scatter passes.
 
+ep-padded exchanges without the host: every rank sends every rank a block of C = T * min(K, El) rows (the most
+slots T tokens can route to one rank's El experts), padded with zero rows of gate weight 0, so both
+all_to_all_singles have equal splits known from the shapes and nothing waits on the host (a CUDA graph can capture
+the step). The price is the padding, on the wire and in the local experts, which run on all R*C received rows: of
+R*C rows a rank receives only its routed slots are real (a padding fraction of 1 - 1/R under uniform routing once
+El >= K; the record's ep.padding_frac says it per case). Dropless by construction: the pad is the worst case.
+
 A process group must be initialised (moebench.distributed does it under torchrun; `use_group` picks the group of a
 case that spans fewer ranks than were launched). Exchange timings are collected only inside `recording(...)`: CUDA
 events (or perf_counter on CPU) around each exchange, read after the timed loop, so no sync is added.
@@ -89,7 +96,9 @@ class Recorder:
         self.cuda = device.type == "cuda"
         self.step = -1
         self.spans: list = []
-        self.rows: list = []  # (step, rows received, rows sent to other ranks, rows received from other ranks)
+        # (step, rows received, rows sent to other ranks, rows received from other ranks, rows received with padding)
+        self.rows: list = []
+        self.bytes: list = []  # (step, kind, bytes this rank sent to other ranks in that exchange)
 
     def now(self):
         if self.cuda:
@@ -99,8 +108,11 @@ class Recorder:
         return time.perf_counter()
 
     def read(self) -> list[tuple[int, str, float]]:
+        """The spans in ms, after the timing; row counts kept as device tensors become numbers here too."""
         if self.cuda:
             torch.cuda.synchronize()
+        self.rows = [tuple(float(v) if torch.is_tensor(v) else v for v in row) for row in self.rows]
+        if self.cuda:
             return [(s, k, a.elapsed_time(b)) for s, k, a, b in self.spans]
         return [(s, k, (b - a) * 1e3) for s, k, a, b in self.spans]
 
@@ -121,7 +133,7 @@ def recording(device: torch.device):
 @contextmanager
 def _span(kind: str):
     rec = _REC
-    if rec is None:
+    if rec is None or _capturing():  # a CUDA graph replays no host code: its exchanges are not timed one by one
         yield
         return
     step, start = rec.step, rec.now()
@@ -130,7 +142,17 @@ def _span(kind: str):
 
 
 # ------------------------------------------------------------------------------------------------ exchange
-def _a2a(xs, out_splits, in_splits, group, kind):
+def _note_bytes(kind: str, xs, in_splits, group) -> None:
+    """Bytes this rank sends to OTHER ranks in one exchange (its own block stays home), known from the splits."""
+    if _REC is None or _capturing() or len(in_splits) == 1:
+        return
+    mine = in_splits[dist.get_rank(group)]
+    n = sum((sum(in_splits) - mine) * (x[0].numel() if x.dim() > 1 else 1) * x.element_size() for x in xs)
+    _REC.bytes.append((_REC.step, kind, n))
+
+
+def _a2a(xs, out_splits, in_splits, group, kind, bytes_kind=None):
+    _note_bytes(kind or bytes_kind, xs, in_splits, group)
     outs = []
     with _span(kind) if kind else nullcontext():
         for x in xs:
@@ -164,6 +186,7 @@ def _exchange_equal(x_N: torch.Tensor, R: int, group) -> torch.Tensor:
     out = torch.empty_like(x_N)
     if R == 1:
         return out.copy_(x_N)
+    _note_bytes("counts", (x_N,), [x_N.numel() // R] * R, group)
     dist.all_to_all_single(out, x_N, group=group)
     return out
 
@@ -185,9 +208,18 @@ def _experts(local_fwd, x_VD, lid_V, p_V, w1, w2):
     return x_VD * p_V[:, None] + (w1.sum() + w2.sum()) * 0
 
 
-def _note_rows(N: int, send_R: list[int], recv_R: list[int], r: int) -> None:
-    if _REC is not None:
-        _REC.rows.append((_REC.step, N, sum(send_R) - send_R[r], N - recv_R[r]))
+def _note_rows(N, send_R, recv_R, r: int, padded: int = 0) -> None:
+    """Rows this step moved: ints, or (ep-padded) device tensors that Recorder.read() turns into numbers after the
+    timing. `padded`: rows received including padding (0: no padding). recv_R None (ep-padded, ep-pipelined: no
+    exchange of counts inside the step just for this): N and the remote rows are this rank's SENT real rows, whose
+    means over the ranks equal the received ones (every row sent is received)."""
+    if _REC is not None and not _capturing():
+        sent_remote = (send_R.sum() if torch.is_tensor(send_R) else sum(send_R)) - send_R[r]
+        _REC.rows.append((_REC.step, N, sent_remote, sent_remote if recv_R is None else N - recv_R[r], padded or N))
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def forward(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, local="grouped_mm"):
@@ -227,7 +259,7 @@ def forward_dedup(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, local="grouped_mm"):
     r_P, t_P = pair_P // T, pair_P % T
     lid_PK = torch.where(dest_TK[t_P] == r_P[:, None], idx_TK[t_P] % El, -1)
     with _span("dispatch_ids"):
-        (lid_NK,) = _a2a((lid_PK,), recv_R, send_R, group, None)
+        (lid_NK,) = _a2a((lid_PK,), recv_R, send_R, group, None, "dispatch_ids")
     xr_ND, pr_NK = _Exchange.apply((recv_R, send_R, group, "dispatch"), x_TD[t_P], p_TK[t_P])
     _note_rows(N, send_R, recv_R, r)
     # 2. local experts on this rank's V slots (row n, slot k), then each row sums its slots
@@ -240,6 +272,58 @@ def forward_dedup(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, local="grouped_mm"):
     return torch.zeros_like(x_TD).index_add_(0, t_P, ys_PD)
 
 
+_SAME_T: set = set()  # (group, T) pairs checked once: every rank of the group has T tokens
+
+
+def _check_same_tokens(T: int, group, R: int) -> None:
+    """ep-padded's block size comes from T, so every rank must have the same T. Checked the first time a group sees
+    a T (one all_gather: a host sync, in warm-up, never again for that T), so a mismatch is an error, not a hang."""
+    if R == 1 or (group, T) in _SAME_T:
+        return
+    Ts = [None] * R
+    dist.all_gather_object(Ts, T, group=group)
+    if len(set(Ts)) > 1:
+        raise ValueError(f"ep-padded: every rank needs the same number of tokens (its all-to-all blocks are sized "
+                         f"from it); the ranks have {Ts}")
+    _SAME_T.add((group, T))
+
+
+def pad_blocks(x_TD, idx_TK, p_TK, R: int, El: int):
+    """ep-padded's send buffers: slots sorted by expert; slot s goes to rank dest_S[s], at row row_S[s] of the
+    R*C rows (C = T*min(K, El) per destination: the worst case, so nothing is ever dropped). Padding rows are zeros
+    with gate weight 0 and local expert 0. Returns (x_CD, p_C, lid_C, row_S, tok_S, counts_R, C)."""
+    T, K = idx_TK.shape
+    D, dev = x_TD.shape[1], x_TD.device
+    C = T * min(K, El)
+    order_S, tok_S, counts_E, _ = sort_by_expert(idx_TK, R * El)
+    e_S = idx_TK.reshape(-1)[order_S]
+    dest_S = torch.div(e_S, El, rounding_mode="floor")
+    counts_R = counts_E.view(R, El).sum(1)
+    start_R = torch.cumsum(counts_R, 0) - counts_R
+    row_S = dest_S * C + torch.arange(order_S.numel(), device=dev) - start_R[dest_S]
+    x_CD = x_TD.new_zeros(R * C, D).index_put((row_S,), x_TD[tok_S])
+    p_C = p_TK.new_zeros(R * C).index_put((row_S,), p_TK.reshape(-1)[order_S])
+    lid_C = torch.zeros(R * C, dtype=torch.int64, device=dev).index_put((row_S,), e_S % El)
+    return x_CD, p_C, lid_C, row_S, tok_S, counts_R, C
+
+
+def forward_padded(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, local="grouped_mm"):
+    group, R, r, El, local_fwd, w1, w2 = _setup(x_TD, w1_EDF2, w2_EFD, local)
+    _check_same_tokens(idx_TK.shape[0], group, R)
+    # 1. dispatch: fixed blocks of C rows to every rank
+    x_CD, p_C, lid_C, row_S, tok_S, counts_R, C = pad_blocks(x_TD, idx_TK, p_TK, R, El)
+    split = [C] * R
+    with _span("dispatch_ids"):  # the local expert ids, beside the rows: no host sync
+        (lid_N,) = _a2a((lid_C,), split, split, group, None, "dispatch_ids")
+    xr_ND, pr_N = _Exchange.apply((split, split, group, "dispatch"), x_CD, p_C)
+    _note_rows(counts_R.sum(), counts_R, None, r, padded=R * C)
+    # 2. local experts on every received row: a padding row is zeros with gate weight 0, so it adds nothing
+    yr_ND = _experts(local_fwd, xr_ND, lid_N, pr_N, w1, w2)
+    # 3. combine: the blocks go home; each token sums its K slots from the rows it sent
+    (ys_CD,) = _Exchange.apply((split, split, group, "combine"), yr_ND)
+    return torch.zeros_like(x_TD).index_add_(0, tok_S, ys_CD[row_S])
+
+
 def _available():
     return None if dist.is_available() else "this torch build has no torch.distributed"
 
@@ -250,6 +334,19 @@ register(Backend(
     description="expert parallel: all_to_all_single dispatch/combine over torch.distributed, local experts "
                 "via option `local` (run with --nproc N)",
     needs_process_group=True,
+    host_sync="the split sizes of the uneven all-to-all go to the host (.tolist())",
+    options={"local": "grouped_mm"},
+    available=_available,
+))
+
+register(Backend(
+    name="ep-padded",
+    forward=forward_padded,
+    description="expert parallel without host sync: equal-split all_to_all_single of blocks padded to the worst "
+                "case (T*min(K, E/R) rows per rank pair; dropless), local experts via option `local` "
+                "(run with --nproc N)",
+    needs_process_group=True,
+    host_sync=None,  # its own step never waits on the host; the `local` backend's host_sync counts (core.exec_reason)
     options={"local": "grouped_mm"},
     available=_available,
 ))
@@ -260,6 +357,7 @@ register(Backend(
     description="expert parallel, one row per (token, destination rank) on the wire (DeepEP-style dedup), "
                 "local experts via option `local` (run with --nproc N)",
     needs_process_group=True,
+    host_sync="the split sizes of the uneven all-to-all go to the host (.tolist())",
     options={"local": "grouped_mm"},
     available=_available,
 ))

@@ -24,4 +24,5 @@ register(Backend(
     name="shuffle",
     forward=forward,
     description="MoEForge token shuffling: sort by expert, contiguous slices, index_add_ back",
+    host_sync="counts_E.tolist() splits the rows on the host",
 ))

@@ -7,7 +7,8 @@ Legend: N rows (every leading dim flattened), D model dim, P backward programs.
 One program per row in the forward (the row lives in registers: D <= 65536); rstd_N is saved for the backward.
 Kernels are built on first use, because Triton decides GPU vs interpreter when a kernel is decorated:
 importing this module never imports triton, and TRITON_INTERPRET=1 runs the same kernels on CPU tensors.
-Written against the triton.language core that triton 3.x keeps stable (load/store/reduce/sqrt/range).
+Written against the triton.language core that triton 3.x keeps stable (load/store/reduce/sqrt/while); runs under
+the interpreters of triton 3.6 and 3.9.
 """
 from __future__ import annotations
 
@@ -53,11 +54,11 @@ def _rmsnorm_bwd(DY, X, W, RSTD, DX, DW_PD, stride_dy, stride_x, stride_dx, N, D
     mask = cols < D
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.full((BLOCK_D,), 0.0, tl.float32)
-    start = pid * rows_per_prog
-    end = tl.minimum(start + rows_per_prog, N)
-    base = start.to(tl.int64)
-    for row in range(start, end):
-        r = base + (row - start)  # int64 row index, under the compiler and the interpreter alike
+    r = pid.to(tl.int64) * rows_per_prog  # int64 row index
+    end = tl.minimum(r + rows_per_prog, N)
+    # a while loop, not range(r, end): triton 3.6's interpreter turns range() bounds into ints with int() of a
+    # 1-element array, which numpy >= 2.4 refuses (fixed in triton 3.7); a while condition is a plain bool there
+    while r < end:
         x = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + r)
@@ -66,6 +67,7 @@ def _rmsnorm_bwd(DY, X, W, RSTD, DX, DW_PD, stride_dy, stride_x, stride_dx, N, D
         c = tl.reduce(g * xhat, 0, _add) / D
         tl.store(DX + r * stride_dx + cols, (rstd * (g - xhat * c)).to(DX.dtype.element_ty), mask=mask)
         dw += dy * xhat
+        r += 1
     tl.store(DW_PD + pid.to(tl.int64) * D + cols, dw, mask=mask)
 
 

@@ -3,8 +3,14 @@
 A Claim is what a seed README says: the number (or a bound, or None for a feature with no number), its unit,
 what was compared and the device it was claimed on, plus how moebench measures it (`kind` and `args`).
 claims_frame(df) takes moebench.results.to_frame(records) (or moebench.report.frame(records), which adds the
-`router` column the balance claim needs) and returns one row per claim:
-    seed, claim, compared, claimed, unit, claimed_device, measured, measured_device, verdict, why
+`router` column the balance claim needs) and returns one row per claim and execution mode:
+    seed, claim, compared, claimed, unit, claimed_device, exec, measured, measured_device, precision, verdict, why
+
+Execution modes: a claim whose records ran in several modes (eager, compile, graphs: workload.exec) gets one row
+per mode, each judged on that mode's records only (eager PyTorch and CUDA graphs time different things at small
+batches, so a verdict holds for the mode it names). `precision` says how well the timings behind a row are
+pinned down: each record's 95% interval of the median (relative half-width), and `noisy` where the record is
+flagged (its reason, shortened, ends the row's `why`); memory, balance and parameter counts are single values.
 
 Verdicts (the rule applied is restated in each row's `why`):
   parameters   device-free; counted from the preset with ModelSpec.params(); reproduced within 3%.
@@ -26,12 +32,14 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from moebench import metrics
 from moebench.spec import PRESETS, RouterSpec
 
 PARAMS_TOL = 0.03
 REL_TOL = 0.10
-COLUMNS = ["seed", "claim", "compared", "claimed", "unit", "claimed_device", "measured", "measured_device",
-           "verdict", "why"]
+COLUMNS = ["seed", "claim", "compared", "claimed", "unit", "claimed_device", "exec", "measured", "measured_device",
+           "precision", "verdict", "why"]
+EXEC_ORDER = ("eager", "compile", "graphs", "compile-graphs")
 REPRODUCED, NOT_REPRODUCED, NOT_COMPARABLE = "reproduced", "not reproduced", "not comparable"
 
 
@@ -179,12 +187,7 @@ def _device(row) -> str:
     return f"{row.get('gpu')}, 1 GPU" if row.get("device") == "cuda" else f"CPU ({row.get('gpu') or '?'})"
 
 
-def _num(v) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
+_num = metrics.finite
 
 
 def _missing(df, model: str | None, suite: str | None, note: str = "") -> str:
@@ -250,10 +253,10 @@ def _tokens_per_s(df, c: Claim):
     same = n == 1 and r.get("device") == "cuda" and re.search(rf"\b{gpu}\b", str(r.get("gpu"))) is not None
     if not same:
         return round(m), dev, NOT_COMPARABLE, (f"absolute throughput on {dev} ({r['backend']}) against a "
-                                              f"claim on {c.claimed_device}: different hardware")
+                                              f"claim on {c.claimed_device}: different hardware"), [r]
     ok = _within(m, c.claimed, REL_TOL)
     return round(m), dev, _verdict(ok), (f"{r['backend']} on the claimed GPU: {_pct(m, c.claimed)} "
-                                         f"(rule: within {REL_TOL:.0%})")
+                                         f"(rule: within {REL_TOL:.0%})"), [r]
 
 
 def _peak_memory(df, c: Claim):
@@ -305,7 +308,7 @@ def _speedup(df, c: Claim):
     return round(m, 2), _device(best), _verdict(m >= c.claimed * (1 - REL_TOL)), (
         f"fastest optimised stack {best['model']} ({best['backend']}) {float(best['tokens_per_s']):,.0f} "
         f"tok/s vs {base['model']} {float(base['tokens_per_s']):,.0f} tok/s; a ratio, compared across "
-        f"devices (claimed on an L4); rule: >= claimed - {REL_TOL:.0%}")
+        f"devices (claimed on an L4); rule: >= claimed - {REL_TOL:.0%}"), [base, best]
 
 
 def _memory_ratio(df, c: Claim):
@@ -363,12 +366,12 @@ def _balance_ratio(df, c: Claim):
 
 
 def _triton_groups(df, prefer: str) -> list[list]:
-    """Ok train-mode rows with a peak memory, grouped by model + workload, groups holding triton only,
+    """Ok layer train-mode rows with a peak memory, grouped by model + workload, groups holding triton only,
     the preferred model first."""
     rows = _rows(df)
     if rows.empty:
         return []
-    rows = rows[(rows["mode"] == "train") & rows["peak_gib"].notna()]
+    rows = rows[(rows["mode"] == "train") & (rows["level"] == "layer") & rows["peak_gib"].notna()]
     groups: dict[tuple, list] = {}
     for _, r in rows.iterrows():
         groups.setdefault((r["model"],) + _group_key(r), []).append(r)
@@ -413,7 +416,7 @@ def _feature(df, c: Claim):
             f"; {_missing(df, model, 'seeds')}" if model else "")
     best = rows.loc[rows["tokens_per_s"].astype(float).idxmax()]
     return round(float(best["tokens_per_s"])), _device(best), NOT_COMPARABLE, (
-        f"no number claimed; {expr}; fastest ok run: {best['backend']} ({best['level']}/{best['mode']})")
+        f"no number claimed; {expr}; fastest ok run: {best['backend']} ({best['level']}/{best['mode']})"), [best]
 
 
 EVALUATORS = {
@@ -423,12 +426,72 @@ EVALUATORS = {
 }
 
 
+def _noisy(row) -> str:
+    v = row.get("noisy")
+    return v if isinstance(v, str) and v else ""
+
+
+SINGLE = {"params": "exact (a parameter count)", "peak_memory": "single value (peak memory)",
+          "memory_ratio": "single values (peak memory)", "recompute_memory": "single values (peak memory)",
+          "memory_vs_others": "single values (peak memory)", "balance_ratio": "single values (MaxVio of training runs)"}
+
+
+def _precision(used: list) -> tuple[str, str]:
+    """(precision cell, a sentence for `why` naming noisy records) for the timed rows a measurement rests on."""
+    cells, noisy = [], []
+    for r in used:
+        hw, spread = _num(r.get("ci_halfwidth")), _num(r.get("spread"))
+        cell = (f"±{hw:.1%}" if hw is not None else
+                f"no interval, spread {spread:.0%}" if spread is not None else "no interval")
+        if _noisy(r):
+            cell += ", noisy"
+            noisy.append(f"{r['model']} ({r['backend']}): {_noisy(r).split(';')[0]}")
+        cells.append((f"{r['model']} " if len(used) > 1 else "") + cell)
+    note = (" Timing noisy, read as rough: " + "; ".join(noisy) + ".") if noisy else ""
+    ci = " (±: 95% CI of the median)" if any("±" in c for c in cells) else ""
+    return "; ".join(cells) + ci, note
+
+
+def _related(df: pd.DataFrame | None, c: Claim) -> pd.DataFrame:
+    """The records a claim reads (any status), to find the execution modes it was measured in."""
+    if df is None or df.empty or "model" not in df or "exec" not in df or c.kind == "params":
+        return pd.DataFrame()
+    a, model = c.args, df["model"].astype(str)
+    m = pd.Series(False, index=df.index)
+    for key in ("model", "den"):
+        if a.get(key):
+            m |= model == a[key]
+    if a.get("num"):
+        m |= model.str.startswith(a["num"])
+    if c.kind in ("recompute_memory", "memory_vs_others"):
+        m |= (df["mode"] == "train") & (df["level"] == "layer") & df["backend"].isin(["triton", "grouped_mm",
+                                                                                      "shuffle"])
+    if c.kind == "balance_ratio":
+        m |= df["suite"] == a["suite"]
+    return df[m]
+
+
+def _modes(df, c: Claim) -> list[str]:
+    present = set(_related(df, c)["exec"].dropna()) if not _related(df, c).empty else set()
+    return sorted(present, key=lambda e: (EXEC_ORDER.index(e) if e in EXEC_ORDER else len(EXEC_ORDER), e))
+
+
 def claims_frame(df: pd.DataFrame | None) -> pd.DataFrame:
-    """One row per claim of the five seeds: claimed vs measured (from df), devices, verdict and why."""
+    """One row per claim of the five seeds (per claim and execution mode where its records ran in several):
+    claimed vs measured (from df), devices, exec mode, precision, verdict and why."""
     out = []
     for c in CLAIMS:
-        measured, mdev, verdict, why = EVALUATORS[c.kind](df, c)
-        out.append({"seed": c.seed, "claim": c.claim, "compared": c.compared, "claimed": c.claimed,
-                    "unit": c.unit, "claimed_device": c.claimed_device, "measured": measured,
-                    "measured_device": mdev, "verdict": verdict, "why": why})
+        modes = _modes(df, c)
+        runs = [(m, df[df["exec"] == m]) for m in modes] if len(modes) > 1 else [(modes[0] if modes else "", df)]
+        for mode, sub in runs:
+            res = EVALUATORS[c.kind](sub, c)
+            measured, mdev, verdict, why = res[:4]
+            precision, note = _precision(res[4] if len(res) > 4 else [])
+            if c.kind in SINGLE:
+                precision = SINGLE[c.kind] if measured is not None else ""
+            out.append({"seed": c.seed, "claim": c.claim, "compared": c.compared, "claimed": c.claimed,
+                        "unit": c.unit, "claimed_device": c.claimed_device,
+                        "exec": mode or ("any (no timing)" if c.kind == "params" else ""), "measured": measured,
+                        "measured_device": mdev, "precision": precision,
+                        "verdict": verdict, "why": why + note})
     return pd.DataFrame(out, columns=COLUMNS)

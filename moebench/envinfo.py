@@ -57,12 +57,18 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def ceiling(device: torch.device | str | None = None) -> dict:
+    """Dense matmul rate measured here and now, once per process and device type (the env block and MFU use the
+    same measurement): bf16 8192^3 on CUDA, fp32 1024^3 on CPU (median of 10)."""
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return _ceiling(kind)
+
+
 @functools.cache
-def ceiling(device: torch.device | str) -> dict:
-    """Dense matmul rate measured here and now: bf16 8192^3 on CUDA, fp32 1024^3 on CPU (median of 10)."""
+def _ceiling(kind: str) -> dict:
     import time
 
-    device = torch.device(device)
+    device = torch.device(kind)
     if device.type == "cuda":
         n, dt = 8192, torch.bfloat16
         a = torch.randn(n, n, device=device, dtype=dt)
@@ -91,6 +97,41 @@ def ceiling(device: torch.device | str) -> dict:
     return {"tflops": 2 * n**3 / med / 1e12, "what": f"{str(dt).replace('torch.', '')} {n}^3 matmul, median of 10"}
 
 
+def copy_bandwidth(device: torch.device | str | None = None) -> dict:
+    """Device memory bandwidth measured here and now, once per process and device type: a device-to-device copy
+    (CUDA: 2 GiB; CPU: 64 MiB), bytes read plus bytes written over the median time of 10 (CPU: 5)."""
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return _copy_bandwidth(kind)
+
+
+@functools.cache
+def _copy_bandwidth(kind: str) -> dict:
+    import time
+
+    cuda = kind == "cuda"
+    nbytes, reps = (2 * 2**30, 10) if cuda else (64 * 2**20, 5)
+    src = torch.randn(nbytes // 4, device=kind)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        if cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            dst.copy_(src)
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+        else:
+            t = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t)
+    times.sort()
+    med = times[len(times) // 2]
+    return {"gbps": 2 * nbytes / med / 1e9,
+            "what": f"{nbytes / 2**20:.0f} MiB device copy, (read + write) / median of {reps}"}
+
+
 @functools.cache
 def static() -> dict:
     try:
@@ -102,6 +143,8 @@ def static() -> dict:
         "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_v,
         "python": sys.version.split()[0], "host": platform.node(), "platform": platform.platform(),
         "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "moebench": moebench.__version__,
+        # switches that change what a backend runs (e.g. MOEBENCH_TRITON_TUNE=0: untuned configs), as set
+        "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MOEBENCH_TRITON_")},
     } | git_state()
 
 
@@ -111,6 +154,11 @@ def collect(device: str) -> dict:
         p = torch.cuda.get_device_properties(0)
         env |= {"gpu": p.name, "gpu_memory_gib": round(p.total_memory / 2**30, 2), "driver": _driver(),
                 "gpu_count": torch.cuda.device_count(), "sm_count": p.multi_processor_count}
-    c = ceiling(device)
-    env |= {"ceiling_tflops": c["tflops"], "ceiling": c["what"]}
+    c, bw = ceiling(device), copy_bandwidth(device)
+    env |= {"ceiling_tflops": c["tflops"], "ceiling": c["what"], "copy_gbps": bw["gbps"], "copy": bw["what"]}
     return env
+
+
+def parent(device: str) -> dict:
+    """The env block of a record written by the parent process (timeouts, crashed workers): no measurements."""
+    return static() | {"device": device}

@@ -8,6 +8,7 @@ Load c_i = tokens routed to expert i (per layer, per batch).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -74,6 +75,66 @@ def rates(step_ms: Sequence[float], tokens: int, flops_per_token: float, ceiling
         "mfu_measured": tflops / ceiling_tflops if ceiling_tflops else None,
         "mfu_datasheet": tflops / datasheet_tflops if datasheet_tflops else None,
     }
+
+
+def median_ci(values: Sequence[float], confidence: float = 0.95) -> list[float] | None:
+    """Distribution-free interval of the median: the order statistics x_(j) and x_(n+1-j) for the largest j with
+    P(Binomial(n, 1/2) < j) <= (1 - confidence) / 2. None when n is too small for any interval (n < 6 at 95%)."""
+    x = np.sort(np.asarray(values, dtype=np.float64))
+    j = _median_rank(x.size, confidence)
+    return None if j == 0 else [float(x[j - 1]), float(x[x.size - j])]
+
+
+@functools.lru_cache(maxsize=4096)
+def _median_rank(n: int, confidence: float) -> int:
+    """The j of median_ci, exact (no scipy: the timing loop calls it after every block)."""
+    alpha, j, cdf = (1 - confidence) / 2, 0, 0.0
+    total = 2.0 ** n if n < 1000 else None
+    if total is None:  # normal approximation for very many blocks
+        return max(0, int(math.floor(n / 2 - 1.959963984540054 * math.sqrt(n) / 2)))
+    while j + 1 <= n // 2:
+        cdf += math.comb(n, j) / total  # P(B = j), summed: P(B <= j) = P(B < j + 1)
+        if cdf > alpha:
+            break
+        j += 1
+    return j
+
+
+# A record is `noisy` when its median was not pinned down (precision), its steps spread too widely, or its block
+# medians drift from the first third of the run to the last (judged from 15 blocks on: a shift over 5% that the
+# two thirds' block medians show beyond their scatter, Mann-Whitney p < 0.01).
+NOISE = {"spread": 0.10, "drift": 0.05}
+
+
+def noise(rates_: dict, precision: dict) -> str | None:
+    """Why a timed record cannot be taken as one plain number, or None. `rates_` from rates(), `precision` from
+    moebench.core.timing.summarize()."""
+    why = []
+    if not precision.get("reached"):
+        hw = precision.get("halfwidth")
+        ci = f"±{hw:.1%}" if hw is not None and math.isfinite(hw) else "no interval"
+        why.append(f"precision {precision['target'] * 100:g}% not reached: 95% CI of the median {ci} after "
+                   f"{precision['time_s']:.1f} s, {precision['n_steps']} steps in {precision['n_blocks']} blocks")
+    if rates_["spread"] > NOISE["spread"]:
+        why.append(f"spread {rates_['spread']:.1%} > {NOISE['spread']:.0%}")
+    blocks = precision.get("block_p50_ms") or []
+    if len(blocks) >= 15:  # five blocks a third at least: fewer cannot show a shift beyond their own scatter
+        from scipy.stats import mannwhitneyu
+        third = len(blocks) // 3
+        first, last = blocks[:third], blocks[-third:]
+        d = (np.median(last) - np.median(first)) / np.median(blocks)
+        if abs(d) > NOISE["drift"] and mannwhitneyu(first, last, alternative="two-sided").pvalue < 0.01:
+            why.append(f"drift {d:+.1%} from the first third of the blocks to the last")
+    return "; ".join(why) or None
+
+
+def finite(v) -> float | None:
+    """v as a float, or None when it is missing, not a number or not finite (table cells, claims)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
 
 
 def rel_err(a, b) -> float:

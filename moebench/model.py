@@ -1,8 +1,9 @@
-"""The one decoder-only transformer every backend shares: RMSNorm, RoPE, GQA attention, MoE FFN
-(router -> backend -> weighted combine) with optional shared experts and first dense layers, tied
-embeddings, LM loss plus the routers' aux losses. Weights live here with the canonical shapes
-(w1_EDF2 = [gate | up], w2_EFD, wr_DE), so any backend runs on the same parameters; the expert weights' memory
-order is the backend's `weight_layout` (moebench.registry.WEIGHT_LAYOUTS), the values are the same either way.
+"""The one decoder-only transformer every backend shares: RMSNorm, RoPE, GQA attention, MoE FFN (router ->
+backend -> weighted combine) with optional shared experts (optionally gated per token, Qwen2-MoE's
+shared_expert_gate) and first dense layers, tied embeddings, LM loss plus the routers' aux losses. Weights
+live here with the canonical shapes (w1_EDF2 = [gate | up], w2_EFD, wr_DE), so any backend runs on the same
+parameters; the expert weights' memory order is the backend's `weight_layout`
+(moebench.registry.WEIGHT_LAYOUTS), the values are the same either way.
 
 Legend: B batch, S seq, T = B*S tokens, D model dim, H heads, Hkv KV heads, Dh head dim, F expert hidden,
 E experts, K top-k, V vocab.
@@ -97,6 +98,9 @@ class MoE(nn.Module):
         w1_EDF2, w2_EFD = expert_weights(E, D, Fh, backend.weight_layout)
         self.w1_EDF2, self.w2_EFD = nn.Parameter(w1_EDF2), nn.Parameter(w2_EFD)
         self.shared = SwiGLU(D, spec.shared_hidden) if spec.n_shared_experts else None
+        # Qwen2-MoE: shared-expert output * sigmoid(x @ w_D1) per token (a parameter only when set: the seeded
+        # init draws parameters in name order, so layers without the gate keep their weights)
+        self.shared_gate_D1 = nn.Parameter(torch.empty(D, 1)) if spec.shared_gate else None
         self.n_folded = 0  # shared experts folded into w1/w2 as experts E.. (fold_shared)
 
     @torch.no_grad()
@@ -106,6 +110,9 @@ class MoE(nn.Module):
         sum over hidden units); called once after the weights are drawn, so the values match an unfolded layer."""
         if self.shared is None or self.n_folded:
             return
+        if self.shared_gate_D1 is not None:
+            raise ValueError("fold_shared: the shared experts are gated per token (shared_gate); folded in "
+                             "as always-on experts of weight 1 they would lose the gate")
         if self.router.spec.kind == "expert_choice":
             raise ValueError("fold_shared: an expert-choice router picks tokens per expert; the always-on shared "
                              "experts cannot be folded into it")
@@ -142,7 +149,10 @@ class MoE(nn.Module):
             y_SD = self.backend.forward(xb_TD[r.tok_S], r.idx_TK, r.p_TK.to(dt), w1, w2, **self.options)
             y_TD = torch.zeros_like(xb_TD).index_add_(0, r.tok_S, y_SD)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            s_TD = self.shared(x_TD)
+            if self.shared_gate_D1 is not None:
+                s_TD = s_TD * torch.sigmoid(x_TD @ self.shared_gate_D1)
+            y_TD = y_TD + s_TD
         return (y_TD * self.scale if self.scale != 1.0 else y_TD), r
 
 

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from moebench import envinfo, harness, telemetry
+from moebench import core, envinfo, telemetry
 from moebench.registry import get
 from moebench.spec import Case
 
@@ -36,50 +36,55 @@ KIND, SCHEMA = "moebench-paired", 1
 
 
 def group_key(c: Case) -> str:
-    """The case label without its backend part: model | workload."""
+    """The case label without its backend part and its gemm dtype: model | workload (an fp8 case is paired with
+    its bf16 base)."""
     model, _backend, work = c.label.split(" | ", 2)
+    work = work.replace(f" gemm={c.workload.gemm_dtype}", "")
     return f"{model} | {work} | {c.device}"
 
 
+def _is_base(c: Case, base: str) -> bool:
+    return c.backend == base and c.workload.gemm_dtype == "default"
+
+
 def groups(cases: list[Case], base: str) -> list[list[Case]]:
-    """Cases grouped by model, workload and device; within a group the base backend's cases come first. Groups
-    without a case of the base backend, or with a single case, are left out: there is nothing to pair."""
+    """Cases grouped by model, workload (any gemm dtype) and device; within a group the base backend's case in the
+    default gemm dtype comes first. Groups without one, or with a single case, are left out: nothing to pair."""
     by: OrderedDict[str, list[Case]] = OrderedDict()
     for c in cases:
         by.setdefault(group_key(c), []).append(c)
     out = []
     for g in by.values():
-        g = sorted(g, key=lambda c: c.backend != base)  # stable: the suite's order otherwise
-        if len(g) >= 2 and g[0].backend == base:
+        g = sorted(g, key=lambda c: not _is_base(c, base))  # stable: the suite's order otherwise
+        if len(g) >= 2 and _is_base(g[0], base):
             out.append(g)
     return out
 
 
 def _prepare(case: Case, device: torch.device):
-    """(step, flops per token, entry): a step ready to time, or None and the entry saying why not."""
+    """(step, entry): a step ready to time (parity passed, warmed up), or None and the entry saying why not."""
     entry = {"case_key": case.key, "label": case.label, "backend": case.backend,
              "options": case.backend_options}
     backend, w = get(case.backend), case.workload
-    reason = harness.skip_reason(case, backend)
+    reason = core.skip_reason(case, backend)
     if reason is None and backend.needs_process_group:
         reason = "needs a process group: pair it with `moebench run --nproc N` instead"
     if reason is None and w.level not in ("layer", "model"):
         reason = f"level '{w.level}' is not timed step by step"
     if reason:
-        return None, None, entry | {"status": "skipped", "reason": reason}
+        return None, entry | {"status": "skipped", "reason": reason}
     try:
-        entry["parity"] = harness.parity(case)
+        entry["parity"] = core.parity(case)
         if not entry["parity"]["ok"]:
-            why = harness.mismatch_reason(entry["parity"])
-            return None, None, entry | {"status": "mismatch", "reason": why}
-        step, _, _, flops = harness.build_step(case, device)
-        harness._warm_up(step, w.warmup, device)
-        return step, flops, entry
+            return None, entry | {"status": "mismatch", "reason": core.mismatch_reason(entry["parity"])}
+        step = core.build_step(case, device)
+        entry["warmup_steps"] = core.warm_up(step, w.warmup, device)[0]
+        entry["exec"] = step.exec_info
+        return step, entry
     except Exception as e:  # noqa: BLE001 - one failing case never stops the others
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        why = f"{type(e).__name__}: {harness._first_line(e)}"
-        return None, None, entry | {"status": "failed", "reason": why}
+        return None, entry | {"status": "failed", "reason": f"{type(e).__name__}: {core.first_line(e)}"}
 
 
 @contextmanager
@@ -163,30 +168,36 @@ def rebase(result: dict, base: str) -> dict:
     return out
 
 
+def run_group_job(cases: list[dict], rounds: int, steps: int) -> dict:
+    """In a worker process (moebench.runner): one group, as run_group, with the env block it ran in."""
+    cs = [Case.model_validate(c) for c in cases]
+    return run_group(cs, rounds, steps) | {"env": envinfo.collect(cs[0].device)}
+
+
 def run_group(cases: list[Case], rounds: int, steps: int, on_round=None) -> dict:
     """Time one group (base case first) in `rounds` interleaved rounds of `steps` timed steps per case."""
     device = torch.device(cases[0].device)
     w = cases[0].workload
-    harness._apply_memory_budget(cases[0])
+    core.apply_memory_budget(cases[0])
     torch.manual_seed(w.seed)
     prepared = [_prepare(c, device) for c in cases]
-    live = [(i, step) for i, (step, _, _) in enumerate(prepared) if step is not None]
-    entries = [e for _, _, e in prepared]
-    flush = harness.l2_flush(cases[0], device)
+    live = [(i, step) for i, (step, _) in enumerate(prepared) if step is not None]
+    entries = [e for _, e in prepared]
+    flush = core.l2_flush(cases[0], device)
     samples: dict[int, list[list[float]]] = {i: [] for i, _ in live}
     windows: dict[int, list[tuple[float, float]]] = {i: [] for i, _ in live}
-    nxt = {i: w.warmup for i, _ in live}  # step indices go on from the warm-up's (they pick the inputs)
-    with _sampler(device) as smi:
+    nxt = {i: entries[i]["warmup_steps"] for i, _ in live}  # step indices go on from the warm-up's (inputs)
+    with _sampler(device) as smi, core.collector_off():
         for r in range(rounds if len(live) >= 2 else 0):
             order = live[r % len(live):] + live[:r % len(live)]
             for i, step in order:
                 try:
-                    step(nxt[i])  # lead-in: the previous case's last kernels are done, this one's caches warm
+                    core.timed_block(step, nxt[i], 1, device)  # lead-in: the last case's kernels are done
                     t0 = time.monotonic()
-                    ms, _ = harness.timed_steps(step, nxt[i] + 1, steps, device, flush)  # ends with a sync
+                    ms, _ = core.timed_block(step, nxt[i] + 1, steps, device, flush)  # ends with a sync
                     windows[i].append((t0, time.monotonic()))
                 except Exception as e:  # noqa: BLE001
-                    why = f"round {r}: {type(e).__name__}: {harness._first_line(e)}"
+                    why = f"round {r}: {type(e).__name__}: {core.first_line(e)}"
                     entries[i] |= {"status": "failed", "reason": why}
                     live = [(j, s) for j, s in live if j != i]
                     samples.pop(i)
@@ -201,7 +212,7 @@ def run_group(cases: list[Case], rounds: int, steps: int, on_round=None) -> dict
         med = float(np.median(allms))
         tps = w.tokens / (med / 1e3)
         e = entries[i] | {"status": "ok", "samples_ms": per_round, "step_ms_p50": med,
-                          "tokens_per_s_p50": tps, "tflops": tps * prepared[i][1] / 1e12}
+                          "tokens_per_s_p50": tps, "tflops": tps * prepared[i][0].flops_per_token / 1e12}
         if smi is not None:  # clocks and power while this case's timed blocks ran
             e["telemetry"] = smi.summary(windows[i]) if smi.error is None else {"error": smi.error}
         if base is not None:
@@ -217,15 +228,44 @@ def run_group(cases: list[Case], rounds: int, steps: int, on_round=None) -> dict
     return {"group": group_key(cases[0]), "base": cases[0].label, "cases": entries}
 
 
-def run(cases: list[Case], base: str, rounds: int, steps: int, progress=None) -> dict:
+def run(cases: list[Case], base: str, rounds: int, steps: int, progress=None, log_path=None,
+        wait: bool = True) -> dict:
+    """Every group in a worker process of its own (moebench.runner.Worker: a crash, hang or OOM costs that group;
+    its timeout is the sum of its cases'), holding the device's lock while it runs."""
+    import tempfile
+    from pathlib import Path
+
+    from moebench.devicelock import DeviceLock
+    from moebench.runner import Worker, WorkerLost, flag_busy
+
     gs = groups(cases, base)
-    env = envinfo.collect(cases[0].device) if cases else {}
     out = {"kind": KIND, "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "rounds": rounds,
-           "steps": steps, "base_backend": base, "env": env, "groups": []}
+           "steps": steps, "base_backend": base, "env": envinfo.parent(cases[0].device) if cases else {},
+           "groups": []}
+    log_path = Path(log_path or Path(tempfile.gettempdir()) / "moebench-paired.log")
     for g in gs:
-        task = progress.add_task(group_key(g[0]), total=rounds) if progress else None
-        tick = (lambda r, task=task: progress.advance(task)) if progress else None
-        out["groups"].append(run_group(g, rounds, steps, on_round=tick))
+        task = progress.add_task(group_key(g[0]), total=1) if progress else None
+        worker = Worker(log_path)
+        try:
+            with DeviceLock(g[0].device, wait=wait) as lock:
+                res = worker.job("moebench.paired:run_group_job", {"cases": [c.model_dump(mode="json") for c in g],
+                                 "rounds": rounds, "steps": steps}, sum(c.timeout_s for c in g))
+            out["env"] = res.pop("env")
+            if lock.busy:
+                res["device_busy"] = lock.busy
+                for e in res["cases"]:
+                    flag_busy({"status": e["status"], "metrics": e}, lock.busy)
+        except WorkerLost as e:
+            res = {"group": group_key(g[0]), "base": g[0].label,
+                   "cases": [{"case_key": c.key, "label": c.label, "backend": c.backend,
+                              "options": c.backend_options, "status": "timeout" if e.timeout else "failed",
+                              "reason": f"the group's worker: {e}", "ratio": None,
+                              "why_no_ratio": "the group did not finish"} for c in g]}
+        finally:
+            worker.close()
+        out["groups"].append(res)
+        if progress:
+            progress.advance(task)
     return out
 
 

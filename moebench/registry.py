@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Callable
 
+from moebench.gemm_dtypes import GEMM_DTYPES
+
 BUILTIN_MODULES = (
     "implementations.naive",
     "implementations.shuffle",
@@ -25,6 +27,7 @@ BUILTIN_MODULES = (
     "implementations.capacity",
     "implementations.triton",
     "implementations.ep",
+    "implementations.ep_pipelined",
     "implementations.peers",
 )
 
@@ -64,12 +67,31 @@ class Backend:
     # True: the MoE layer folds its shared experts into this backend's expert block as always-on experts
     # (MoMoE's way: experts E..E+n_shared-1, every token, weight 1) instead of running them as a dense MLP
     folds_shared: bool = False
+    # Why one step of this backend waits on the host (a .tolist(), a data-dependent shape), or None when it never
+    # does: a str, or (device, dtype) -> str | None. A backend that syncs cannot be captured in a CUDA graph:
+    # its `exec = "graphs"` cases end `skipped` with this reason. Unverified peers say so here.
+    host_sync: str | Callable[[str, str], str | None] | None = None
+    # (device, dtype) -> the code path this backend takes there, recorded with every measurement (e.g. a library
+    # kernel that falls back to a slower loop on some GPUs or dtypes); None: one path everywhere
+    path: Callable[[str, str], str] | None = None
+    # options -> None, or why these option values are invalid (naming the option and its valid values); a suite
+    # file with such values is bad input (moebench.suite: exit 2 before anything runs)
+    validate: Callable[[dict], str | None] | None = None
+    # the expert-GEMM dtypes (moebench.gemm_dtypes.GEMM_DTYPES) this backend has a path for. "default": the GEMMs in the
+    # workload's dtype. Any other is passed to forward as gemm_dtype=...; a case asking for one not listed here is
+    # `skipped` with the reason (never run in the workload dtype under the other's name)
+    gemm_dtypes: tuple[str, ...] = ("default",)
 
     def why_not(self, device: str, dtype: str, shape: dict | None = None) -> str | None:
-        """None when this backend can run the case here, else a one-line reason."""
+        """None when this backend can run the case here, else a one-line reason. shape["gemm_dtype"] (absent:
+        "default") is checked against gemm_dtypes before `supports` sees it."""
         reason = self.available()
         if reason:
             return reason
+        gemm = (shape or {}).get("gemm_dtype", "default")
+        if gemm not in self.gemm_dtypes:
+            return (f"{self.name} has no {gemm} expert-GEMM path (its gemm dtypes: {', '.join(self.gemm_dtypes)}); "
+                    f"not run in the workload dtype under the {gemm} name")
         if device not in self.devices:
             return f"{self.name} runs on {', '.join(self.devices)}, not {device}"
         if dtype not in self.dtypes:
@@ -78,18 +100,41 @@ class Backend:
             return self.supports(device, dtype, shape or {})
         return None
 
+    def call_options(self, case_options: dict, gemm_dtype: str = "default") -> dict:
+        """The keyword arguments forward gets for a case: the defaults, the case's options, and gemm_dtype when it is
+        not "default" (so backends without other GEMM dtypes keep their signature)."""
+        return {**self.options, **case_options} | ({"gemm_dtype": gemm_dtype} if gemm_dtype != "default" else {})
+
+    def sync_reason(self, device: str, dtype: str, gemm_dtype: str = "default") -> str | None:
+        """Why a step of this backend syncs with the host here (so it cannot be graphed), or None. A backend with
+        more than the default gemm dtype gets it as a third argument of host_sync / path when it is not default."""
+        if not callable(self.host_sync):
+            return self.host_sync
+        return self.host_sync(device, dtype, *_gemm_arg(gemm_dtype))
+
+    def path_taken(self, device: str, dtype: str, gemm_dtype: str = "default") -> str | None:
+        return self.path(device, dtype, *_gemm_arg(gemm_dtype)) if self.path is not None else None
+
+
+def _gemm_arg(gemm_dtype: str) -> tuple:
+    return () if gemm_dtype == "default" else (gemm_dtype,)
+
 
 def folded(base: Backend) -> Backend:
     """`<base>+shared`: the same kernels, with the model's shared experts folded in as always-on experts (MoMoE's
     shared experts: the last n_shared experts, routed to by every token with weight 1). The layer computes the same
     function; one expert block runs where there were two (experts, then a dense shared MLP). Each shared expert
-    must have the routed experts' hidden size (d_shared unset or = d_expert)."""
+    must have the routed experts' hidden size (d_shared unset or = d_expert), and be ungated (no
+    shared_gate)."""
     if not base.dropless:
         raise ValueError(f"backend '{base.name}' drops tokens: shared experts folded into it could be dropped too")
 
     def supports(device, dtype, shape):
         if "n_shared" in shape and not shape["n_shared"]:  # (no shape given, as in `moebench list`: no verdict)
             return "this model has no shared experts to fold"
+        if shape.get("shared_gate"):
+            return ("the shared experts are gated per token (shared_gate): folded in as always-on experts "
+                    "of weight 1 they would lose the gate")
         if shape.get("d_shared", shape.get("F")) != shape.get("F"):
             return (f"folding needs each shared expert's hidden size (d_shared={shape.get('d_shared')}) to equal "
                     f"d_expert ({shape.get('F')})")
@@ -99,12 +144,53 @@ def folded(base: Backend) -> Backend:
                                description=f"{base.description}; shared experts folded in as always-on experts")
 
 
+REFERENCE = "naive"  # the backend every other one is checked against: it can never be replaced
+_SOURCES: dict[str, str] = {}  # backend name -> the module that registered it
+
+
+class RegistrationError(ValueError):
+    """A backend name registered twice (a plugin replacing a built-in, `naive` included)."""
+
+
+def _caller_module() -> str:
+    import inspect
+    for frame in inspect.stack()[2:]:
+        mod = frame.frame.f_globals.get("__name__", "?")
+        if mod != __name__:
+            return mod
+    return "?"
+
+
 def register(backend: Backend) -> Backend:
+    """Add a backend. A name can be registered once: a second registration (a plugin shadowing a built-in, or two
+    plugins choosing one name) raises RegistrationError naming both sources, so no backend silently runs another's
+    code under its name, and the reference `naive` can never be replaced."""
     if backend.weight_layout not in WEIGHT_LAYOUTS:
         raise ValueError(f"backend '{backend.name}': weight_layout '{backend.weight_layout}' is not one of "
                          f"{', '.join(WEIGHT_LAYOUTS)}")
+    unknown = [g for g in backend.gemm_dtypes if g not in GEMM_DTYPES]
+    if unknown or not backend.gemm_dtypes:
+        raise ValueError(f"backend '{backend.name}': gemm_dtypes {backend.gemm_dtypes!r} must be one or more of "
+                         f"{', '.join(GEMM_DTYPES)}")
+    if not backend.dropless and backend.capacity is None:
+        raise RegistrationError(f"backend '{backend.name}' drops tokens (dropless=False) but gives no capacity(): "
+                                "parity could not check it against naive, so it cannot be registered")
+    source = _caller_module()
+    if backend.name in _REGISTRY:
+        what = "the reference backend" if backend.name == REFERENCE else "backend"
+        raise RegistrationError(f"{what} '{backend.name}' is already registered by {_SOURCES.get(backend.name, '?')}; "
+                                f"{source} cannot register it again (choose another name)")
     _REGISTRY[backend.name] = backend
+    _SOURCES[backend.name] = source
     return backend
+
+
+def unregister(name: str) -> None:
+    """Remove a backend registered by a test or plugin (never the reference)."""
+    if name == REFERENCE:
+        raise RegistrationError(f"the reference backend '{REFERENCE}' cannot be removed")
+    _REGISTRY.pop(name, None)
+    _SOURCES.pop(name, None)
 
 
 def _load_all() -> None:
@@ -125,7 +211,7 @@ def _load_all() -> None:
             obj = ep.load()
             if isinstance(obj, Backend):
                 register(obj)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - a RegistrationError included: reported, the built-in stays
             _LOAD_ERRORS[f"entry point {ep.name}"] = f"{type(e).__name__}: {e}"
     for mod in _extra_modules():  # e.g. test-only backends, which must also exist in worker processes
         try:

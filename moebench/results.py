@@ -6,7 +6,16 @@ A record is one JSON object per case per run:
   metrics (step_ms {p20,p50,p80,samples}, tokens_per_s {p20,p50,p80}, tflops, mfu_measured, mfu_datasheet,
   memory {peak_allocated_gib, peak_reserved_gib | peak_rss_gib}, balance {...}, parity {...}, loss_curve,
   weight_layout: how the expert weights were stored, moebench.registry.WEIGHT_LAYOUTS; absent in older records =
-  canonical)
+  canonical,
+  precision {target, reached, ci95_ms [lo, hi] of the median step time, halfwidth (relative), n_steps, n_blocks,
+  block_steps, block_p50_ms, time_s, max_time_s}: timing ran until the 95% interval of the median was within
+  target, or max_time_s was spent (moebench.core.timing),
+  noisy: null, or why the timing is not one trustworthy number (precision not reached, spread over 10%, drift
+  over 5%, another process timing the device); such a record is shown as noisy, never as a plain number,
+  exec {mode, compile_s | capture_s, graph_breaks, recompiles, ...}: the execution mode and its set-up costs,
+  backend_path: the code path a backend took where it has more than one (e.g. grouped_mm's fallback);
+  parity of a gemm_dtype fp8 case: errors vs the fp8 reference, tols (per tensor), reference_self_error, fp8_cost
+  and vs_naive (the end-to-end error vs the unquantised naive MoE), detects_unquantised: moebench/core/parity.py)
 """
 from __future__ import annotations
 
@@ -14,11 +23,28 @@ import fcntl
 import json
 import math
 import os
+import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SCHEMA = 1
 STATUSES = ("ok", "skipped", "mismatch", "oom", "timeout", "failed")
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+@dataclass
+class RunSummary:
+    """What one `moebench run` did: where its records went and which ones it wrote this time."""
+    out: Path
+    run_id: str
+    records: list[dict] = field(default_factory=list)
+    skipped_done: int = 0
+    interrupted: bool = False
+    warnings: list[str] = field(default_factory=list)
 
 
 def make_record(case, status: str, *, run_id: str, env: dict, reason: str = "", metrics: dict | None = None) -> dict:
@@ -59,19 +85,23 @@ def _finite(x):
 
 def append(path: str | Path, record: dict) -> None:
     """Append one record as one line, under an exclusive lock, flushed and fsync'd before returning.
-    A last line cut short by a crash (no newline) is ended first, so this record stays a line of its own."""
+    A last line cut short by a crash (no newline) is ended first, so this record stays a line of its own.
+    A write that fails (disk full, a lost mount) raises ResultsPathError naming the file."""
     line = json.dumps(_finite(record), separators=(",", ":"), allow_nan=False, default=str) + "\n"
-    with open(path, "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            size = os.fstat(f.fileno()).st_size
-            if size and os.pread(f.fileno(), 1, size - 1) != b"\n":
-                line = "\n" + line
-            f.write(line.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    try:
+        with open(path, "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                size = os.fstat(f.fileno()).st_size
+                if size and os.pread(f.fileno(), 1, size - 1) != b"\n":
+                    line = "\n" + line
+                f.write(line.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError as e:
+        raise ResultsPathError(f"cannot write results file {path}: {e.strerror or e}") from e
 
 
 @dataclass
@@ -132,19 +162,32 @@ def to_frame(records: list[dict]):
         tps, ms, mem = m.get("tokens_per_s", {}) or {}, m.get("step_ms", {}) or {}, m.get("memory", {}) or {}
         bal = (m.get("balance") or {}).get("global", {}) or {}
         env = r.get("env", {}) or {}
+        prec = m.get("precision") or {}
+        ex = m.get("exec") or {}
         rows.append({
             "run_id": r.get("run_id"), "suite": r.get("suite"), "case_key": r.get("case_key"),
             "label": r.get("label"), "status": r.get("status"), "reason": r.get("reason", ""),
             "model": mod.get("name"), "backend": c.get("backend"),
             "backend_options": json.dumps(c.get("backend_options", {}), sort_keys=True),
-            "level": w.get("level"), "mode": w.get("mode"), "dtype": w.get("dtype"), "routing": w.get("routing"),
+            "level": w.get("level"), "mode": w.get("mode"), "exec": w.get("exec", "eager"), "dtype": w.get("dtype"),
+            "gemm_dtype": w.get("gemm_dtype", "default"),  # the expert GEMMs' precision (older records: default)
+            "routing": w.get("routing"),
             "batch": w.get("batch"), "seq": w.get("seq"), "tokens": (w.get("batch") or 0) * (w.get("seq") or 0),
             "d_model": mod.get("d_model"), "d_expert": mod.get("d_expert"), "n_experts": mod.get("n_experts"),
             "top_k": mod.get("top_k"),
             "tokens_per_s": tps.get("p50"), "tokens_per_s_p20": tps.get("p20"), "tokens_per_s_p80": tps.get("p80"),
-            "step_ms": ms.get("p50"), "step_ms_samples": ms.get("samples"),
+            "step_ms": ms.get("p50"), "step_ms_samples": ms.get("samples"), "spread": m.get("spread"),
+            "ci95_ms": prec.get("ci95_ms"), "precision_target": prec.get("target"),
+            "precision_reached": prec.get("reached"), "ci_halfwidth": prec.get("halfwidth"),
+            "noisy": m.get("noisy") if r.get("status") == "ok" else None,
+            "compile_s": ex.get("compile_s"), "capture_s": ex.get("capture_s"), "graph_breaks": ex.get("graph_breaks"),
             "tflops": m.get("tflops"), "mfu_measured": m.get("mfu_measured"),
-            "peak_gib": mem.get("peak_allocated_gib", mem.get("peak_rss_gib")),
+            # a peak that is not the step's (metrics.memory.not_the_step says why) is not shown or compared
+            "peak_gib": None if mem.get("not_the_step") else mem.get("peak_allocated_gib", mem.get("peak_rss_gib")),
+            "memory_note": mem.get("not_the_step"),
+            # allocated: the torch allocator's peak on CUDA (deterministic for a seed); rss: a CPU worker's RSS
+            # high-water mark (imports, allocator arenas, earlier cases in a reused worker: it moves between runs)
+            "peak_kind": "rss" if "peak_rss_gib" in mem else ("allocated" if "peak_allocated_gib" in mem else None),
             "maxvio": bal.get("maxvio"), "cv": bal.get("cv"),
             "weight_layout": m.get("weight_layout", "canonical") if m else None,
             "gpu": env.get("gpu") or env.get("cpu"), "device": env.get("device"),

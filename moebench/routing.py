@@ -21,8 +21,14 @@ Legend: T tokens, D model dim, E experts, K top-k, G groups, C capacity (slots p
   ramps     aux_ramp_steps R: the aux coefficient is scaled by min(1, (step+1)/R); moe_warmup_steps W: the
             routed experts' gate weights by min(1, (step+1)/W) (MoE Transformer seed: gradual activation);
             step = optimizer steps taken, advanced by update_bias() and saved in the router's state_dict.
-Synthetic routing (workload.routing uniform | zipf:<s> | hot:<k>) replaces the top-k choice with a fixed
-table drawn once per case; gate weights still come from the router's scores, so gradients reach it.
+  score bias  score_bias b (DeepSeek-V3's e_score_correction_bias, fixed): top-k on s + b, weights from s;
+            with balance = bias it is the bias's starting value
+  jitter    jitter_noise j (Mixtral's router_jitter_noise): in training, logits from x * u with u uniform in
+            [1 - j, 1 + j] per element (the router's input only; transformers' Mixtral block also feeds the
+            jittered x to the experts)
+Fixed routing (workload.routing uniform | zipf:<s> | hot:<k> | trace:<path>, fixed_idx) replaces the top-k
+choice with a table drawn (or replayed from a recorded trace, moebench/traces.py) once per case and layer;
+gate weights still come from the router's scores, so gradients reach it.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from moebench import traces
 from moebench.spec import RouterSpec
 
 
@@ -69,6 +76,32 @@ def synthetic_idx(name: str, T: int, E: int, K: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     probs = expert_probs(name, E, g)
     return torch.multinomial(probs.float().expand(T, E), K, replacement=False, generator=g)
+
+
+def is_fixed(routing: str) -> bool:
+    """True when a workload's routing is a fixed table (synthetic or a trace), False for the router's own
+    choice."""
+    return routing != "learned"
+
+
+def fixed_routing(routing: str, T: int, E: int, K: int, seed: int,
+                  layer: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(idx_TK, p_TK or None) of a fixed routing. uniform | zipf:<s> | hot:<k>: drawn from seed
+    (synthetic_idx; no weights). trace:<path>: the recorded choices (and gate weights, where recorded) of MoE
+    layer `layer`, from a window picked by seed (traces.sample); the trace's E and K must be the model's."""
+    if routing.startswith("trace:"):
+        stored = routing[len("trace:"):]
+        traces.check(stored, E, K)
+        idx_TK, p_TK = traces.sample(traces.load(stored), T, seed, layer)
+        return torch.from_numpy(idx_TK), None if p_TK is None else torch.from_numpy(p_TK)
+    if not is_fixed(routing):
+        raise ValueError("routing 'learned' has no fixed table: the router picks the experts")
+    return synthetic_idx(routing, T, E, K, seed), None
+
+
+def fixed_idx(routing: str, T: int, E: int, K: int, seed: int, layer: int = 0) -> torch.Tensor:
+    """idx_TK of a fixed routing (fixed_routing without the weights): what the harness hands every backend."""
+    return fixed_routing(routing, T, E, K, seed, layer)[0]
 
 
 # ------------------------------------------------------------------------------------------- capacity
@@ -116,7 +149,8 @@ class Router(nn.Module):
         super().__init__()
         self.spec, self.E, self.K = spec, n_experts, top_k
         self.wr_DE = nn.Parameter(torch.empty(d_model, n_experts))
-        self.register_buffer("bias_E", torch.zeros(n_experts))           # loss-free balancing bias
+        bias_E = torch.zeros(n_experts) if spec.score_bias is None else torch.tensor(spec.score_bias)
+        self.register_buffer("bias_E", bias_E)                             # loss-free / fixed selection bias
         self.register_buffer("pending_counts_E", torch.zeros(n_experts))  # loads since the last bias update
         self.fixed_idx_TK: torch.Tensor | None = None                      # synthetic routing table
         self.step = 0                                                      # optimizer steps taken (ramps)
@@ -127,11 +161,17 @@ class Router(nn.Module):
     def set_extra_state(self, state):
         self.step = int(state["step"])
 
+    def _ramp(self, n: int) -> float:
+        """ramp(step, n), reading the step counter only when a ramp is set: torch.compile specialises on a Python
+        int it reads, so a counter read every step would recompile every step."""
+        return ramp(self.step, n) if n > 0 else 1.0
+
     def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
         return logits_TE.softmax(-1) if self.spec.scoring == "softmax" else logits_TE.sigmoid()
 
     def select(self, s_TE: torch.Tensor) -> torch.Tensor:
-        sel_TE = s_TE + self.bias_E if self.spec.balance == "bias" else s_TE
+        biased = self.spec.balance == "bias" or self.spec.score_bias is not None
+        sel_TE = s_TE + self.bias_E if biased else s_TE
         G, TG = self.spec.n_group, self.spec.topk_group
         if G > 1 and TG < G:
             T = sel_TE.shape[0]
@@ -146,7 +186,10 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> RouterOut:
         sp = self.spec
         with torch.autocast(x_TD.device.type, enabled=False):  # router math in fp32 under bf16 autocast too
-            logits_TE = (x_TD.float() @ self.wr_DE.float()) / sp.temperature
+            xr_TD = x_TD.float()
+            if sp.jitter_noise > 0 and self.training:
+                xr_TD = xr_TD * torch.empty_like(xr_TD).uniform_(1.0 - sp.jitter_noise, 1.0 + sp.jitter_noise)
+            logits_TE = (xr_TD @ self.wr_DE.float()) / sp.temperature
             s_TE = self.scores(logits_TE)
             aux = {}
             if sp.z_loss > 0 and self.training:
@@ -172,13 +215,13 @@ class Router(nn.Module):
             p_TK = p_TK / kept.sum(-1, keepdim=True).clamp_min(1e-20)
         if keep_TK is not None:
             p_TK = p_TK * keep_TK
-        p_TK = p_TK * (sp.route_scale * ramp(self.step, sp.moe_warmup_steps))
+        p_TK = p_TK * (sp.route_scale * self._ramp(sp.moe_warmup_steps))
         counts_E = torch.zeros(E, dtype=torch.long, device=idx_TK.device).scatter_add_(
             0, idx_TK.reshape(-1), torch.ones_like(idx_TK.reshape(-1)))  # bincount without a host sync
         if sp.balance == "aux" and sp.aux_alpha > 0 and self.training:
             f_E = counts_E.float() / (T * self.K)
             P_E = (s_TE / s_TE.sum(-1, keepdim=True)).mean(0)
-            coef = sp.aux_alpha * ramp(self.step, sp.aux_ramp_steps)
+            coef = sp.aux_alpha * self._ramp(sp.aux_ramp_steps)
             aux["aux_loss"] = coef * E * (f_E * P_E).sum()
         if sp.balance == "bias" and self.training:
             self.pending_counts_E += counts_E.float()
@@ -191,7 +234,7 @@ class Router(nn.Module):
         g_EC, tok_EC = s_TE.t().topk(C, dim=-1)
         tok_S = tok_EC.reshape(-1)
         idx_S1 = torch.arange(E, device=s_TE.device).repeat_interleave(C).unsqueeze(1)
-        p_S1 = g_EC.reshape(-1, 1) * (sp.route_scale * ramp(self.step, sp.moe_warmup_steps))
+        p_S1 = g_EC.reshape(-1, 1) * (sp.route_scale * self._ramp(sp.moe_warmup_steps))
         served_T = torch.zeros(T, device=s_TE.device).index_fill_(0, tok_S, 1.0)
         counts_E = torch.full((E,), C, dtype=torch.long, device=s_TE.device)
         return RouterOut(idx_S1, p_S1, counts_E, aux, tok_S=tok_S, dropped=1.0 - served_T.mean())

@@ -1,6 +1,8 @@
 """ModelSpec, RouterSpec, Workload and Case: validated (pydantic), hashable into a stable case_key.
 
-Presets are plain named specs taken from what the seed systems publish (see PRESET_SOURCES).
+Presets are plain named specs taken from what the seed systems publish, and (moebench/models.py, plain data
+merged in at the end of this file) the published configurations of open MoE models, each whole and as
+`<name>-layer`.
 Legend: D model dim, F expert hidden, E routed experts, K top-k, L layers, V vocab.
 """
 from __future__ import annotations
@@ -13,8 +15,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from moebench.gemm_dtypes import GEMM_DTYPES
+from moebench.models import MODELS
+
 DTYPES = ("float32", "bfloat16", "float16")
-ROUTING_RE = re.compile(r"^(learned|uniform|zipf:(\d+(\.\d+)?)|hot:(\d+))$")
+# learned | uniform | zipf:<s> | hot:<k> | trace:<path> (a recorded routing, moebench/traces.py)
+ROUTING_RE = re.compile(r"^(learned|uniform|zipf:(\d+(\.\d+)?)|hot:(\d+)|trace:(\S.*))$")
 
 
 class _Strict(BaseModel):
@@ -38,6 +44,19 @@ class RouterSpec(_Strict):
     null_expert: bool = False               # capacity overflow goes to a null expert (its gate share is lost)
     aux_ramp_steps: int = Field(0, ge=0)    # aux coefficient ramps linearly over the first N optimizer steps
     moe_warmup_steps: int = Field(0, ge=0)  # routed-expert output ramps linearly over the first N steps
+    # DeepSeek-V3's e_score_correction_bias as fixed values, one per expert: top-k on s + b, gate weights from
+    # s alone. With balance = "bias" they are the loss-free bias's starting values (then updated), else fixed.
+    score_bias: tuple[float, ...] | None = None
+    # Mixtral's router_jitter_noise j: in training only, the router's input is multiplied by uniform noise in
+    # [1 - j, 1 + j] (the experts get the input unjittered)
+    jitter_noise: float = Field(0.0, ge=0, lt=1)
+
+    @field_validator("score_bias")
+    @classmethod
+    def _finite_bias(cls, v):
+        if v is not None and not all(math.isfinite(b) for b in v):
+            raise ValueError("score_bias values must be finite")
+        return v
 
 
 class ModelSpec(_Strict):
@@ -47,12 +66,14 @@ class ModelSpec(_Strict):
     n_layers: int = Field(1, ge=1)
     n_heads: int = Field(1, ge=1)
     n_kv_heads: int | None = Field(None, ge=1)   # None: = n_heads (MHA); fewer: GQA
+    d_head: int | None = Field(None, ge=1)       # attention head dim (None: d_model / n_heads; Qwen3: 128)
     max_seq_len: int = Field(2048, ge=1)
     n_experts: int = Field(ge=1)
     top_k: int = Field(ge=1)
     d_expert: int = Field(ge=1)                  # F, hidden size of one routed expert
     n_shared_experts: int = Field(0, ge=0)
     d_shared: int | None = Field(None, ge=1)     # hidden size of one shared expert (None: d_expert)
+    shared_gate: bool = False                    # Qwen2-MoE: shared-expert output * sigmoid(x @ w_D1) a token
     first_dense_layers: int = Field(0, ge=0)     # DeepSeek: the first layers use a dense FFN
     d_dense: int | None = Field(None, ge=1)      # hidden size of that dense FFN (None: d_expert * top_k)
     tie_embeddings: bool = True
@@ -67,11 +88,16 @@ class ModelSpec(_Strict):
     def _check(self):
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k ({self.top_k}) must be <= n_experts ({self.n_experts})")
-        if self.d_model % self.n_heads:
+        if self.d_head is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
+        if self.shared_gate and not self.n_shared_experts:
+            raise ValueError("shared_gate scales the shared experts' output: it needs n_shared_experts >= 1")
         r = self.router
+        if r.score_bias is not None and len(r.score_bias) != self.n_experts:
+            raise ValueError(f"router.score_bias has {len(r.score_bias)} values; it needs one per expert "
+                             f"(n_experts = {self.n_experts})")
         if self.n_experts % r.n_group:
             raise ValueError(f"router.n_group ({r.n_group}) must divide n_experts ({self.n_experts})")
         if r.topk_group > r.n_group:
@@ -94,7 +120,7 @@ class ModelSpec(_Strict):
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_head or self.d_model // self.n_heads
 
     @property
     def shared_hidden(self) -> int:
@@ -115,7 +141,7 @@ class ModelSpec(_Strict):
         attn = D * self.n_heads * self.head_dim * 2 + D * self.kv_heads * self.head_dim * 2
         norms = 2 * D
         expert = 3 * D * F
-        shared = 3 * D * self.shared_hidden
+        shared = 3 * D * self.shared_hidden + (D if self.shared_gate else 0)
         router = D * E
         dense_ffn = 3 * D * self.dense_hidden
         embed = self.vocab_size * D * (1 if self.tie_embeddings else 2)
@@ -166,12 +192,23 @@ class TrainOptions(_Strict):
         return self
 
 
+EXECS = ("eager", "compile", "graphs", "compile-graphs")
+
+
 class Workload(_Strict):
     """What is timed. level: the MoE layer alone, the whole model, or train-run (a training run on real text:
     loss and balance per step, options in `train`); mode: train (fwd+bwd, and the AdamW step at model level)
-    or forward; routing: learned | uniform | zipf:<s> | hot:<k>."""
+    or forward; routing: learned | uniform | zipf:<s> | hot:<k> | trace:<path> (recorded top-k choices
+    replayed, moebench/traces.py; in a suite file the path is relative to the suite file: moebench/suite.py);
+    exec: how the step runs (eager: op by op from Python | compile: torch.compile | graphs: the whole step
+    replayed as a CUDA graph | compile-graphs: torch.compile's reduce-overhead; moebench.core.steps). repeats is the fewest timed steps: timing goes on until the
+    median is pinned down (Case.precision) or the case's time budget (Case.max_time_s) is spent."""
     level: Literal["layer", "model", "train-run"] = "layer"
     mode: Literal["train", "forward"] = "train"
+    exec: Literal["eager", "compile", "graphs", "compile-graphs"] = "eager"  # default: out of the case key, so old keys hold
+    # the expert GEMMs' precision (GEMM_DTYPES; default: out of the key); a backend lists the ones it has
+    # (registry.Backend.gemm_dtypes), other cases are skipped with the reason
+    gemm_dtype: Literal[tuple(GEMM_DTYPES)] = "default"  # type: ignore[valid-type]
     batch: int = Field(1, ge=1)
     seq: int = Field(ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -188,7 +225,8 @@ class Workload(_Strict):
     @classmethod
     def _routing(cls, v: str) -> str:
         if not ROUTING_RE.match(v):
-            raise ValueError(f"routing must be learned, uniform, zipf:<s> or hot:<k>, got '{v}'")
+            raise ValueError(f"routing must be learned, uniform, zipf:<s>, hot:<k> or trace:<path>, "
+                             f"got '{v}'")
         return v
 
     @model_validator(mode="before")
@@ -204,6 +242,9 @@ class Workload(_Strict):
             raise ValueError(f"train options apply to level = 'train-run' only, not '{self.level}'")
         if self.level == "train-run" and (self.mode != "train" or self.routing != "learned"):
             raise ValueError("level 'train-run' trains the router: it takes mode = 'train' and routing = 'learned'")
+        if self.gemm_dtype != "default" and self.dtype != "bfloat16":
+            raise ValueError(f"gemm_dtype '{self.gemm_dtype}' runs the expert GEMMs in e4m3 with bf16 outputs: "
+                             f"it takes dtype = 'bfloat16', not '{self.dtype}'")
         return self
 
     @field_validator("ranks")
@@ -231,6 +272,10 @@ class Case(_Strict):
     device: Literal["cpu", "cuda"] = "cpu"
     memory_budget_gib: float | None = Field(None, gt=0)
     timeout_s: float = Field(600, gt=0)
+    # timing policy (not in the key): stop when the 95% interval of the median is within `precision` of it,
+    # or after max_time_s of timed steps (then the record is flagged noisy: precision not reached)
+    precision: float = Field(0.01, gt=0, lt=1)
+    max_time_s: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self):
@@ -243,6 +288,9 @@ class Case(_Strict):
             raise ValueError(f"level 'train-run' trains on byte tokens: model vocab_size ({m.vocab_size}) must be >= 256")
         if m.router.kind == "expert_choice" and w.routing != "learned":
             raise ValueError(f"router.kind 'expert_choice' picks tokens itself: routing must be 'learned', not '{w.routing}'")
+        if w.routing.startswith("trace:"):
+            from moebench import traces  # a leaf module (numpy only); read when a case names a trace
+            traces.check(w.routing[len("trace:"):], m.n_experts, m.top_k, m.name)
         return self
 
     @property
@@ -262,7 +310,9 @@ class Case(_Strict):
         w = self.workload
         opts = "".join(f",{k}={v}" for k, v in sorted(self.backend_options.items()))
         return (f"{self.model.name} | {self.backend}{opts} | {w.level}/{w.mode} {w.dtype} "
-                f"T={w.tokens} {w.routing}" + (f" ranks={w.ranks}" if w.ranks else ""))
+                f"T={w.tokens} {w.routing}" + (f" ranks={w.ranks}" if w.ranks else "")
+                + (f" {w.exec}" if w.exec != "eager" else "")
+                + (f" gemm={w.gemm_dtype}" if w.gemm_dtype != "default" else ""))
 
 
 def _moeforge(name: str, D: int, H: int, L: int, E: int, K: int = 2) -> ModelSpec:
@@ -331,6 +381,21 @@ PRESETS: dict[str, ModelSpec] = {
                       n_experts=4, top_k=2, d_expert=24, n_shared_experts=1, max_seq_len=128),
     "tiny-layer": _layer("tiny-layer", D=48, F=36, E=6, K=2),
 }
+
+
+def _layer_of(m: ModelSpec) -> ModelSpec:
+    """A whole model's MoE layer alone, as _layer: n_heads 1; D, F, E, K, the shared experts and the router
+    kept."""
+    return ModelSpec(name=f"{m.name}-layer", d_model=m.d_model, d_expert=m.d_expert, n_experts=m.n_experts,
+                     top_k=m.top_k, n_shared_experts=m.n_shared_experts, d_shared=m.d_shared,
+                     shared_gate=m.shared_gate, moe_output_scale=m.moe_output_scale, n_heads=1,
+                     router=m.router)
+
+
+# Current open MoE models (moebench/models.py: plain data with its sources, importing nothing from moebench)
+for _name, _m in MODELS.items():
+    PRESETS[_name] = ModelSpec(name=_name, **_m.spec)
+    PRESETS[f"{_name}-layer"] = _layer_of(PRESETS[_name])
 
 
 def preset(name: str, /, **overrides) -> ModelSpec:  # positional-only: `name=` overrides the spec's name

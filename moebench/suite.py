@@ -13,9 +13,12 @@
     mode = ["train", "forward"]
     batch = 4
     seq = 64
-    routing = ["learned", "zipf:1.2"]
+    routing = ["learned", "zipf:1.2"]    # or "trace:traces/mine.npz": a recorded routing (moebench/traces.py)
 
-Any problem is a SuiteError naming the file, the key path and what was expected.
+A trace path is relative to the suite file. Loading stores it in the case relative to the directory that holds
+suites/ when the file lies under it (a shipped trace: "suites/traces/x.npz", the same key in every checkout),
+absolute otherwise (traces.stored_path). Any problem is a SuiteError naming the file, the key path and what
+was expected.
 """
 from __future__ import annotations
 
@@ -26,10 +29,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from moebench import registry
+from moebench import registry, traces
+from moebench.paths import SUITES_DIR
 from moebench.spec import PRESETS, Case, ModelSpec, Workload, preset
-
-SUITES_DIR = Path(__file__).resolve().parent / "suites"
 
 
 class SuiteError(ValueError):
@@ -48,8 +50,14 @@ class SuiteFile(BaseModel):
     description: str = ""
     memory_budget_gib: float | None = Field(None, gt=0, allow_inf_nan=False)
     timeout_s: float = Field(600, gt=0, le=7 * 86400)  # a week at most (and finite: the runner polls with it)
+    precision: float = Field(0.01, gt=0, lt=1)         # timing: the 95% interval of the median within this ...
+    max_time_s: float = Field(10.0, gt=0, le=86400)    # ... or this many seconds of timed steps per case
     backends: list[str | dict] = Field(["naive", "shuffle", "grouped_mm"], min_length=1)
     matrix: list[Matrix] = Field(min_length=1)
+
+
+# old name -> suite: `h100` ran issue 8's layer shapes on whatever Hopper GPU was at hand; it is `layers` now
+ALIASES = {"h100": "layers"}
 
 
 def available_suites() -> dict[str, Path]:
@@ -63,6 +71,7 @@ def resolve(name_or_path: str) -> Path:
             raise SuiteError(f"suite file {p} does not exist")
         return p
     suites = available_suites()
+    name_or_path = ALIASES.get(name_or_path, name_or_path)
     if name_or_path not in suites:
         raise registry.UnknownName("suite", name_or_path, suites)
     return suites[name_or_path]
@@ -81,7 +90,9 @@ def _pydantic_msg(file: Path, prefix: str, e: ValidationError) -> str:
     err = e.errors()[0]
     where = ".".join(x for x in (prefix, _loc(err["loc"])) if x)
     more = f" (and {len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""
-    got = f"; got {err['input']!r}" if "input" in err and not isinstance(err["input"], dict) else ""
+    inp = err.get("input")
+    shown = isinstance(inp, str) and repr(inp) in err["msg"]  # the validator's own message quotes the value
+    got = f"; got {inp!r}" if "input" in err and not isinstance(inp, dict) and not shown else ""
     return f"{file}: {where or '<top level>'}: {err['msg']}{got}{more}"
 
 
@@ -133,16 +144,31 @@ def _backend(file: Path, where: str, entry: Any, only: set[str] | None) -> tuple
         if default is not None and (not isinstance(v, kinds) or isinstance(v, bool) != isinstance(default, bool)):
             raise SuiteError(f"{file}: {where}.{k}: backend '{name}' option {k} takes a {type(default).__name__} "
                              f"(default {default!r}); got {v!r}")
+    bad = valid[name].validate({**valid[name].options, **opts}) if valid[name].validate else None
+    if bad:
+        raise SuiteError(f"{file}: {where}: backend '{name}': {bad}")
     if only is not None and name not in only:
         return None
     return name, opts
 
 
-def load(name_or_path: str, *, device: str = "cpu", backends: list[str] | None = None) -> list[Case]:
-    """Load, validate and expand a suite. `backends` restricts the suite's backends (unknown: error)."""
+def _resolve_trace(file: Path, wd: dict) -> dict:
+    """routing = "trace:<path relative to the suite file>" -> the path a case stores (traces.stored_path)."""
+    r = wd.get("routing")
+    if not (isinstance(r, str) and r.startswith("trace:") and r[len("trace:"):].strip()):
+        return wd
+    p = Path(r[len("trace:"):]).expanduser()
+    return {**wd, "routing": "trace:" + traces.stored_path(p if p.is_absolute() else file.parent / p)}
+
+
+def load(name_or_path: str, *, device: str = "cpu", backends: list[str] | None = None,
+         precision: float | None = None, max_time_s: float | None = None, execs: list[str] | None = None) -> list[Case]:
+    """Load, validate and expand a suite. `backends` restricts the suite's backends (unknown: error);
+    precision / max_time_s override the suite's timing policy; execs replaces every workload's execution mode
+    (one case per mode given)."""
     file = resolve(name_or_path)
     try:
-        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        raw = tomllib.loads(file.read_text(encoding="utf-8-sig"))  # -sig: a UTF-8 BOM (some editors write one)
     except tomllib.TOMLDecodeError as e:
         raise SuiteError(f"{file}: not valid TOML: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -168,7 +194,8 @@ def load(name_or_path: str, *, device: str = "cpu", backends: list[str] | None =
                 if v == []:
                     raise SuiteError(f"{file}: matrix[{mi}].workloads[{wi}].{k}: an empty list expands to no "
                                      "workloads; give one value or a list of values")
-            for wd in _product(wraw):
+            for wd in [d | ({"exec": e} if e else {}) for d in _product(wraw) for e in (execs or [None])]:
+                wd = _resolve_trace(file, wd)
                 try:
                     wl = Workload.model_validate(wd)
                 except ValidationError as e:
@@ -178,7 +205,9 @@ def load(name_or_path: str, *, device: str = "cpu", backends: list[str] | None =
                         try:
                             cases.append(Case(model=model, backend=name, backend_options=opts, workload=wl,
                                               suite=suite_name, device=device, timeout_s=sf.timeout_s,
-                                              memory_budget_gib=sf.memory_budget_gib))
+                                              memory_budget_gib=sf.memory_budget_gib,
+                                              precision=precision or sf.precision,
+                                              max_time_s=max_time_s or sf.max_time_s))
                         except ValidationError as e:
                             raise SuiteError(_pydantic_msg(file, f"matrix[{mi}] ({model.name})", e)) from None
     seen, unique = set(), []
@@ -192,6 +221,6 @@ def load(name_or_path: str, *, device: str = "cpu", backends: list[str] | None =
 def describe(name_or_path: str) -> str:
     file = resolve(name_or_path)
     try:
-        return tomllib.loads(file.read_text()).get("description", "")
-    except (tomllib.TOMLDecodeError, OSError):
+        return tomllib.loads(file.read_text(encoding="utf-8-sig")).get("description", "")
+    except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError):
         return "(unreadable)"

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from moebench import data, envinfo, metrics
-from moebench.harness import DTYPES, NonFiniteLoss, _memory
+from moebench.core import DTYPES, NonFiniteLoss, memory
 from moebench.model import MoEModel
 from moebench.registry import get
 from moebench.routing import dropped_fraction
@@ -106,7 +106,7 @@ def run(case: Case, device: torch.device | str, *, checkpoint_dir: str | Path | 
     device = torch.device(device)
     w, spec, o = case.workload, case.model, case.workload.train
     backend = get(case.backend)
-    opts = {**backend.options, **case.backend_options}
+    opts = backend.call_options(case.backend_options, w.gemm_dtype)
     corpus = data.load()
     torch.manual_seed(w.seed)
     model = MoEModel(spec, backend, opts, seed=w.seed).to(device)  # fp32 master weights
@@ -238,7 +238,7 @@ def run(case: Case, device: torch.device | str, *, checkpoint_dir: str | Path | 
     tail = [metrics.balance(hist.tail_LE[l]) for l in range(L)]
     mv_batch = m["maxvio_batch"]
     n_tail = o.steps - tail_start
-    m |= _memory(device) | {
+    m |= memory(device) | {
         "balance": bal,
         "load": {"val_final": bal["counts_global"], "train_last10pct": hist.tail_LE.tolist(),
                  "at_eval": [{"step": v["step"], "counts": v["counts"]} for v in hist.val]},

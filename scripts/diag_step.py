@@ -6,8 +6,7 @@ import time
 
 import torch
 
-from moebench import harness
-from moebench.registry import get
+from moebench import core
 from moebench.spec import Case, Workload, preset
 
 name, be, n = (sys.argv[1:] + ["moeforge-medium", "grouped_mm", "60"])[:3]
@@ -19,7 +18,7 @@ for pin in (False, True):
     for lr0 in (False,):
         case = Case(model=preset(name), backend=be, device="cuda",
                     workload=Workload(level="model", mode="train", batch=8, seq=512, dtype="bfloat16"))
-        step, _, _ = harness._model_step(case, get(be), {}, dev, torch.bfloat16)
+        step = core.build_step(case, dev).run
         host, gpu = [], []
         for i in range(n):
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -2,7 +2,7 @@
 # `moebench paired` on a lent GPU (carry .whl): install the carried wheels, seed the Triton tuning cache from the
 # committed one, run paired with the given arguments into $OUT/paired-<tag>.json and its log.
 #   usage: scripts/gpu_paired.sh TAG PAIRED_ARGS...
-#   e.g.   scripts/gpu_paired.sh mixtral -s h100 -b grouped_mm,triton -m mixtral-layer -m layer/train -x recompute=0 -r 8
+#   e.g.   scripts/gpu_paired.sh mixtral -s layers -b grouped_mm,triton -m mixtral-layer -m layer/train -x recompute=0 -r 8
 set -uo pipefail
 tag=$1; shift
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1 \

@@ -4,7 +4,8 @@ protocol on a pipe (--remote-debugging-pipe: JSON messages ended by NUL on fds 3
 standard library is needed. Skips with a reason where Debian's `chromium` is not installed
 (`apt-get install chromium chromium-driver`; .ci/run does it).
 
-Set MOEBENCH_SCREENSHOT_DIR to keep the screenshots.
+Set MOEBENCH_SCREENSHOT_DIR to keep the screenshots (the committed reports/h200/screenshot.png is the first screen
+of reports/h200/index.html taken this way).
 """
 from __future__ import annotations
 
@@ -107,12 +108,16 @@ class Chromium:
 
 
 IMAGES_JS = """Promise.all(Array.from(document.images).map(img => img.decode().then(
-  () => ({alt: img.alt, ok: img.naturalWidth > 0 && img.naturalHeight > 0, w: img.naturalWidth}),
-  () => ({alt: img.alt, ok: false, w: 0}))))"""
+  () => ({alt: img.alt, ok: img.naturalWidth > 0 && img.naturalHeight > 0, w: img.naturalWidth,
+          h: img.naturalHeight, shown_w: img.getBoundingClientRect().width}),
+  () => ({alt: img.alt, ok: false, w: 0, h: 0, shown_w: 0}))))"""
+SECTIONS_JS = """Array.from(document.querySelectorAll('section[id]')).map(s => ({id: s.id,
+  title: (s.querySelector('h2') || {}).textContent, text: s.textContent.length}))"""
 
 
-def inspect(html: Path, shot: Path) -> dict:
-    """Open html in headless Chromium; return its images, console errors and page height; save a screenshot."""
+def inspect(html: Path, shot: Path, first: Path | None = None) -> dict:
+    """Open html in headless Chromium; return its images, sections, console errors and page height; save a
+    full-page screenshot to `shot` and, when `first` is given, the first screen (1200 x 900) there."""
     b = Chromium(shot.parent / "chromium-profile")
     try:
         target = b.call("Target.createTarget", {"url": "about:blank"})["targetId"]
@@ -125,6 +130,11 @@ def inspect(html: Path, shot: Path) -> dict:
         b.wait_event("Page.loadEventFired")
         images = b.call("Runtime.evaluate", {"expression": IMAGES_JS, "awaitPromise": True, "returnByValue": True},
                         session=s)["result"]["value"]
+        sections = b.call("Runtime.evaluate", {"expression": SECTIONS_JS, "returnByValue": True},
+                          session=s)["result"]["value"]
+        if first is not None:
+            data = b.call("Page.captureScreenshot", {"format": "png"}, session=s)["data"]
+            first.write_bytes(base64.b64decode(data))
         height = b.call("Runtime.evaluate", {"expression": "document.documentElement.scrollHeight",
                                              "returnByValue": True}, session=s)["result"]["value"]
         b.call("Emulation.setDeviceMetricsOverride", {"width": 1200, "height": min(int(height), 20000),
@@ -140,7 +150,7 @@ def inspect(html: Path, shot: Path) -> dict:
                 errors.append(" ".join(str(a.get("value", a.get("description"))) for a in p.get("args", [])))
             elif m == "Log.entryAdded" and p["entry"].get("level") == "error":
                 errors.append(f"{p['entry'].get('text')} {p['entry'].get('url', '')}")
-        return {"images": images, "errors": errors, "height": height}
+        return {"images": images, "sections": sections, "errors": errors, "height": height}
     finally:
         b.close()
 
@@ -161,18 +171,54 @@ def _synthetic():
     return mod
 
 
-def test_report_opens_in_chromium_with_every_image_and_no_console_error(tmp_path):
+def _aspect_ok(i: dict) -> bool:
+    """Wider than tall, or at most 1.5x taller than wide."""
+    return i["w"] >= i["h"] or i["h"] <= 1.5 * i["w"]
+
+
+def test_report_opens_in_chromium_with_every_section_and_image_and_no_console_error(tmp_path):
     syn = _synthetic()
     src = syn.write(tmp_path / "synthetic.jsonl", syn.report_records())
     rep = report.write(results.read([src]), tmp_path / "report", [str(src)])
-    got = inspect(tmp_path / "report" / "index.html", tmp_path / "report.png")
+    got = inspect(tmp_path / "report" / "index.html", tmp_path / "report.png", tmp_path / "report-first.png")
     _keep(tmp_path / "report.png")
     assert got["errors"] == []
-    assert len(got["images"]) == len(rep.plots) == 8
+    assert [s["id"] for s in got["sections"]] == [s.id for s in rep.sections]
+    assert all(s["text"] > 100 for s in got["sections"]), got["sections"]
+    assert len(got["images"]) == len(rep.plots) >= 12
     assert all(i["ok"] for i in got["images"]), [i["alt"] for i in got["images"] if not i["ok"]]
-    assert got["height"] > 2000  # eight plots and the tables are laid out, not collapsed
+    assert all(_aspect_ok(i) for i in got["images"]), [(i["alt"], i["w"], i["h"]) for i in got["images"]]
+    # legible at 100%: no figure is shrunk below 90% of its pixels in a 1200-pixel-wide window
+    assert all(i["shown_w"] >= 0.9 * min(i["w"], 1100) for i in got["images"]), got["images"]
+    assert got["height"] > 2000  # the plots and the tables are laid out, not collapsed
     shot = (tmp_path / "report.png").read_bytes()
     assert shot[:8] == b"\x89PNG\r\n\x1a\n" and len(shot) > 50_000
+
+
+COMMITTED = HERE.parent / "reports" / "h200" / "index.html"
+COMMITTED_SECTIONS = ["throughput", "memory", "exec", "roofline", "phases", "balance", "paired", "claims", "tables"]
+
+
+def test_the_committed_h200_report_has_every_section_and_readable_images(tmp_path):
+    """reports/h200 (from results/h200 and results/h100/seeds.jsonl): every section, every image decoded and
+    not a strip, the roofline drawn, the phase section saying why it has no plot. With MOEBENCH_SCREENSHOT_DIR
+    set, its first screen is kept there as h200-first.png (reports/h200/screenshot.png is that file)."""
+    got = inspect(COMMITTED, tmp_path / "h200.png", tmp_path / "h200-first.png")
+    if os.environ.get("MOEBENCH_SCREENSHOT_DIR"):
+        _keep(tmp_path / "h200-first.png")
+    assert got["errors"] == []
+    ids = [s["id"] for s in got["sections"]]
+    assert all(s in ids for s in COMMITTED_SECTIONS), ids
+    assert all(i["ok"] for i in got["images"]), [i["alt"] for i in got["images"] if not i["ok"]]
+    assert all(_aspect_ok(i) for i in got["images"]), [(i["alt"], i["w"], i["h"]) for i in got["images"]]
+    alts = [i["alt"] for i in got["images"]]
+    assert any(a.startswith("Roofline: NVIDIA H200") for a in alts), alts
+    assert not any(a.startswith("Where the time goes") for a in alts)
+    html = COMMITTED.read_text()
+    phases = html.split('<section id="phases">', 1)[1].split("</section>", 1)[0]
+    assert "no phase split is drawn" in phases
+    first = (tmp_path / "h200-first.png").read_bytes()
+    assert first[:8] == b"\x89PNG\r\n\x1a\n" and len(first) > 20_000
 
 
 def test_the_check_catches_a_broken_image_and_a_console_error(tmp_path):

@@ -39,7 +39,7 @@ def by_claim(cf: pd.DataFrame, text: str) -> pd.Series:
 
 
 def cases(suite: str) -> dict[str, Case]:
-    return {c.model.name + "|" + c.backend: c for c in load(suite, device="cuda")}
+    return {c.model.name + "|" + c.backend: c for c in load(suite, device="cuda", execs=["eager"])}
 
 
 # ------------------------------------------------------------------------------------------ claims data
@@ -248,3 +248,49 @@ def test_h100_suite_has_issue_8_shapes():
     assert {c.workload.mode for c in cs} == {"train", "forward"}
     assert {c.workload.routing for c in cs} == {"uniform", "zipf:1.2"}
     assert {"naive", "shuffle", "grouped_mm"} <= {c.backend for c in cs}
+
+
+# ------------------------------------------------------------------------------------ execution modes
+def _in_mode(case: Case, exec_: str) -> Case:
+    return case.model_copy(update={"workload": case.workload.model_copy(update={"exec": exec_})})
+
+
+def _timed(case, tps, halfwidth, noisy=None, status="ok", reason=""):
+    r = rec(case, H100, status=status, tps=tps if status == "ok" else None, peak=5.0 if status == "ok" else None,
+            reason=reason)
+    if status == "ok":
+        r["metrics"]["precision"] = {"target": 0.01, "reached": noisy is None, "halfwidth": halfwidth,
+                                     "ci95_ms": [1.0, 1.1]}
+        r["metrics"]["noisy"] = noisy
+    return r
+
+
+def test_a_claim_measured_in_two_exec_modes_gets_a_row_per_mode_with_its_precision():
+    l4 = cases("l4")
+    naive = l4["moeforge-medium+naive-stack|naive"]
+    opt = next(c for k, c in l4.items() if k.startswith("moeforge-medium+opt-"))
+    recs = [_timed(naive, 1000.0, 0.2, noisy="spread 24.0% > 10%"), _timed(opt, 2500.0, 0.07),
+            _timed(_in_mode(naive, "graphs"), None, None, status="skipped",
+                   reason="naive syncs with the host: a CUDA graph cannot capture its step"),
+            _timed(_in_mode(opt, "graphs"), 6000.0, 0.001)]
+    cf = claims_frame(to_frame(recs))
+    rows = cf[cf["claim"].str.contains("66% faster")]
+    assert list(rows["exec"]) == ["eager", "graphs"]
+    eager, graphs = rows.iloc[0], rows.iloc[1]
+    assert eager["measured"] == 2.5 and eager["verdict"] == "reproduced"
+    assert "±20.0%, noisy" in eager["precision"] and "±7.0%" in eager["precision"]
+    assert "Timing noisy" in eager["why"] and "spread 24.0%" in eager["why"]
+    # graphs: judged on graphs records only; the naive stack could not be captured, and the row says so
+    assert graphs["verdict"] == "not comparable" and "cannot capture" in graphs["why"]
+    assert pd.isna(graphs["measured"]) and graphs["precision"] == ""
+    # memory: a row per mode as well, a single value, not a timing interval
+    mem = cf[cf["claim"].str.contains("47% less memory")]
+    assert list(mem["exec"]) == ["eager", "graphs"] and mem.iloc[0]["precision"] == "single values (peak memory)"
+
+
+def test_one_exec_mode_gives_one_row_naming_it():
+    small = cases("seeds")["moeforge-small+moeforge-stack|shuffle"]
+    cf = claims_frame(to_frame([_timed(small, 52805.0, 0.004)]))
+    row = by_claim(cf, "Small: 52,805 TPS")
+    assert row["exec"] == "eager" and row["precision"] == "±0.4% (±: 95% CI of the median)"
+    assert by_claim(cf, "Medium: 644M")["exec"] == "any (no timing)"

@@ -2,8 +2,8 @@
 
 Legend: B batch, H heads, S seq, Dh head dim, N rows, D model dim, T tokens, F expert hidden, E experts,
 K top-k.
-The Triton RMSNorm runs under TRITON_INTERPRET=1 on CPU (its kernels are jitted per mode, so it does not
-matter whether triton was imported before). The liger peers need CUDA: here their availability reasons are
+The Triton RMSNorm runs on the GPU when CUDA is there, else under TRITON_INTERPRET=1 on CPU (conftest's
+triton_device; its kernels are jitted per mode, so it does not matter whether triton was imported before). The liger peers need CUDA: here their availability reasons are
 checked, and their glue (layouts, dtypes, the grouped GEMM path) is checked with a plain-torch op standing in
 for liger's, following liger's documented contract.
 """
@@ -87,10 +87,10 @@ def test_triton_norm_needs_cuda_or_the_interpreter(monkeypatch):
         TritonRMSNorm(8)(torch.randn(2, 8))
 
 
-def _norm_pair(D, dtype, seed):
+def _norm_pair(D, dtype, seed, device):
     g = torch.Generator().manual_seed(seed)
     w = torch.rand(D, generator=g) + 0.5  # not ones: the weight must be applied and its gradient right
-    tri, ref = TritonRMSNorm(D, 1e-5).to(dtype), components.RMSNorm(D, 1e-5).double()
+    tri, ref = TritonRMSNorm(D, 1e-5).to(device, dtype), components.RMSNorm(D, 1e-5).to(device, torch.float64)
     with torch.no_grad():
         tri.weight.copy_(w)
         ref.weight.copy_(w)
@@ -100,14 +100,13 @@ def _norm_pair(D, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(5, 7, 33), (1, 64), (9, 128), (3, 5), (6, 200)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_triton_rmsnorm_matches_torch_forward_and_backward(monkeypatch, shape, dtype):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_triton_rmsnorm_matches_torch_forward_and_backward(triton_device, shape, dtype):
     D = shape[-1]
-    tri, ref, g = _norm_pair(D, dtype, seed=sum(shape))
-    x, dy = torch.randn(*shape, generator=g) * 3, torch.randn(*shape, generator=g)
+    tri, ref, g = _norm_pair(D, dtype, seed=sum(shape), device=triton_device)
+    x, dy = (t.to(triton_device) for t in (torch.randn(*shape, generator=g) * 3, torch.randn(*shape, generator=g)))
     xa, xb = x.to(dtype).detach().requires_grad_(), x.double().detach().requires_grad_()
     ya, yb = tri(xa), ref(xb)
-    assert ya.dtype == dtype and ya.shape == x.shape
+    assert ya.dtype == dtype and ya.shape == x.shape and ya.device.type == triton_device
     ya.backward(dy.to(dtype))
     yb.backward(dy.double())
     tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
@@ -115,26 +114,24 @@ def test_triton_rmsnorm_matches_torch_forward_and_backward(monkeypatch, shape, d
         assert rel_err(a, b) <= tol, (name, rel_err(a, b))
 
 
-def test_triton_rmsnorm_takes_strided_and_empty_input(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    tri, ref, g = _norm_pair(24, torch.float32, seed=3)
-    x = torch.randn(24, 10, generator=g).t()  # (10, 24), not contiguous
+def test_triton_rmsnorm_takes_strided_and_empty_input(triton_device):
+    tri, ref, g = _norm_pair(24, torch.float32, seed=3, device=triton_device)
+    x = torch.randn(24, 10, generator=g).to(triton_device).t()  # (10, 24), not contiguous
     assert rel_err(tri(x), ref(x.double())) <= FP32_TOL
-    e = torch.randn(0, 24, requires_grad=True)
+    e = torch.randn(0, 24, device=triton_device, requires_grad=True)
     tri(e).sum().backward()
     assert e.grad.shape == (0, 24) and tri.weight.grad is not None and not tri.weight.grad.any()
 
 
-def test_model_with_triton_norm_matches_torch_norm(monkeypatch):
+def test_model_with_triton_norm_matches_torch_norm(triton_device):
     """The whole tiny model, forward and backward, with each norm: the same function of the same weights."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     from moebench.model import MoEModel
     grads = {}
     for name in ("torch", "triton"):
         spec = preset("tiny", norm=name)
-        assert components.why_not(spec.attention, name, "cpu", "float32") is None
-        model = MoEModel(spec, registry.get("naive"), seed=0)
-        ids = torch.randint(0, spec.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        assert components.why_not(spec.attention, name, triton_device, "float32") is None
+        model = MoEModel(spec, registry.get("naive"), seed=0).to(triton_device)
+        ids = torch.randint(0, spec.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)).to(triton_device)
         out = model(ids, ids)
         out["loss"].backward()
         grads[name] = {"logits": out["logits"].detach()} | {n: p.grad for n, p in model.named_parameters()}
@@ -143,15 +140,21 @@ def test_model_with_triton_norm_matches_torch_norm(monkeypatch):
         assert rel_err(grads["triton"][k], ref) <= 1e-4, k
 
 
-def test_harness_runs_a_model_case_with_component_variants(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    wl = Workload(level="model", mode="train", batch=2, seq=16, dtype="float32", warmup=1, repeats=2)
-    ok = Case(model=preset("tiny", attention="sdpa-flash", norm="triton"), backend="shuffle", workload=wl)
+def test_harness_runs_a_model_case_with_component_variants(triton_device):
+    # flash attention: fp32 on PyTorch's CPU build, 16-bit only on CUDA
+    dtype = "float32" if triton_device == "cpu" else "bfloat16"
+    wl = Workload(level="model", mode="train", batch=2, seq=16, dtype=dtype, warmup=1, repeats=2)
+    ok = Case(model=preset("tiny", attention="sdpa-flash", norm="triton"), backend="shuffle", workload=wl,
+              device=triton_device, max_time_s=0.3)
     rec = harness.run_case(ok, "test", {})
     assert rec["status"] == "ok", rec["reason"]
-    skip = Case(model=preset("tiny", norm="liger"), backend="shuffle", workload=wl)
-    rec = harness.run_case(skip, "test", {})
-    assert rec["status"] == "skipped" and "liger" in rec["reason"]
+    liger = Case(model=preset("tiny", norm="liger"), backend="shuffle", workload=wl, device=triton_device,
+                 max_time_s=0.3)
+    rec = harness.run_case(liger, "test", {})
+    if components.why_not("math", "liger", triton_device, dtype) is None:  # liger-kernel installed, on CUDA
+        assert rec["status"] == "ok", rec["reason"]
+    else:
+        assert rec["status"] == "skipped" and "liger" in rec["reason"]
 
 
 # ------------------------------------------------------------------------------------------ liger peers

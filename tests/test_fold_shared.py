@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moebench import harness, registry
+from moebench import core, harness, registry
 from moebench.metrics import rel_err
 from moebench.model import MoEModel, build_layer
 from moebench.spec import Case, ModelSpec, Workload, preset
@@ -59,9 +59,9 @@ def test_fold_is_refused_where_it_cannot_hold():
     fb = registry.get("grouped_mm+shared")
     wl = Workload(level="layer", mode="train", batch=2, seq=16, dtype="float32", warmup=1, repeats=2)
     no_shared = Case(model=preset("tiny-layer"), backend="grouped_mm+shared", workload=wl)
-    assert fb.why_not("cpu", "float32", harness.shape_of(no_shared)) == "this model has no shared experts to fold"
+    assert fb.why_not("cpu", "float32", core.shape_of(no_shared)) == "this model has no shared experts to fold"
     wide = Case(model=_spec(n_shared=1, d_shared=20), backend="grouped_mm+shared", workload=wl)
-    assert "d_shared=20" in fb.why_not("cpu", "float32", harness.shape_of(wide))
+    assert "d_shared=20" in fb.why_not("cpu", "float32", core.shape_of(wide))
     assert fb.why_not("cpu", "float32") is None  # no case given (`moebench list`): no verdict
     rec = harness.run_case(no_shared, "t", {})
     assert rec["status"] == "skipped" and "no shared experts" in rec["reason"]
@@ -70,6 +70,7 @@ def test_fold_is_refused_where_it_cannot_hold():
 @pytest.mark.parametrize("level", ["layer", "model"])
 def test_harness_runs_a_folded_variant_and_checks_it_on_the_folded_shapes(level):
     wl = Workload(level=level, mode="train", batch=2, seq=16, dtype="float32", warmup=1, repeats=2)
-    rec = harness.run_case(Case(model=preset("tiny"), backend="grouped_mm+shared", workload=wl), "t", {})
+    rec = harness.run_case(Case(model=preset("tiny"), backend="grouped_mm+shared", workload=wl, max_time_s=0.3),
+                           "t", {})
     assert rec["status"] == "ok", rec["reason"]
     assert rec["metrics"]["parity"]["ok"]

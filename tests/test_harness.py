@@ -18,18 +18,20 @@ def env():
 def case(backend="grouped_mm", level="layer", **wl):
     model = preset("tiny" if level == "model" else "tiny-layer")
     w = dict(level=level, mode="train", batch=2, seq=16, dtype="float32", warmup=1, repeats=3) | wl
-    return Case(model=model, backend=backend, workload=Workload(**w))
+    return Case(model=model, backend=backend, workload=Workload(**w), max_time_s=0.3)
 
 
 def test_ok_record_has_every_block(env):
     rec = harness.run_case(case(routing="zipf:1.2"), "t", env)
     assert rec["status"] == "ok", rec["reason"]
     m = rec["metrics"]
-    assert len(m["step_ms"]["samples"]) == 3 and all(s > 0 for s in m["step_ms"]["samples"])
+    n = len(m["step_ms"]["samples"])
+    assert n >= 3 and all(s > 0 for s in m["step_ms"]["samples"])  # repeats is the fewest timed steps
+    assert m["precision"]["n_steps"] == n and m["precision"]["target"] == 0.01
     assert m["tokens_per_s"]["p20"] <= m["tokens_per_s"]["p50"] <= m["tokens_per_s"]["p80"]
     assert m["parity"]["ok"] and max(m["parity"]["errors"].values()) <= 1e-5
     assert m["memory"]["peak_rss_gib"] > 0
-    assert sum(map(sum, m["balance"]["counts_global"])) == 3 * 32 * 2  # repeats * T * K
+    assert sum(map(sum, m["balance"]["counts_global"])) == min(n, 200) * 32 * 2  # kept steps * T * K
     for key in ("torch", "python", "host", "git_commit", "ceiling_tflops", "moebench"):
         assert key in rec["env"]
 
@@ -38,7 +40,7 @@ def test_model_level_records_loss_curve(env):
     rec = harness.run_case(case(level="model", routing="learned"), "t", env)
     assert rec["status"] == "ok", rec["reason"]
     curve = rec["metrics"]["loss_curve"]
-    assert len(curve) == 3 and all(math.isfinite(v) for v in curve)
+    assert len(curve) == rec["metrics"]["precision"]["n_steps"] >= 3 and all(math.isfinite(v) for v in curve)
     assert rec["metrics"]["params"]["total"] == preset("tiny").params()["total"]
 
 

@@ -12,7 +12,7 @@ import torch
 
 from implementations.naive import forward as naive_forward
 from moebench import paired
-from moebench.registry import _REGISTRY, Backend, register
+from moebench.registry import Backend, register, unregister
 from moebench.spec import Case, Workload, preset
 
 calls: list[str] = []
@@ -41,7 +41,7 @@ def logged():
     calls.clear()
     yield
     for n in names:
-        _REGISTRY.pop(n, None)
+        unregister(n)
 
 
 def _case(backend, routing="uniform", **opts):
@@ -208,3 +208,21 @@ def test_cli_paired_from_rebases_a_saved_file_and_names_bad_input(tmp_path, cli_
     assert "not a `moebench paired` result" in cli("--from", str(notpaired), "-b", "shuffle").stderr
     assert "cannot read" in cli("--from", str(tmp_path / "missing.json"), "-b", "shuffle").stderr
     assert "--suite is required" in cli("-b", "naive,shuffle").stderr
+
+
+def test_a_group_that_kills_its_worker_costs_that_group_only(tmp_path, fault_backends):
+    """Each group runs in a worker process of its own: a backend that SIGKILLs its process ends its group as
+    `failed` with the reason; the next group still pairs."""
+    suite = tmp_path / "two.toml"
+    suite.write_text(
+        'max_time_s = 0.3\ntimeout_s = 120\n'
+        '[[matrix]]\nbackends = ["naive", "fault-kill"]\nmodels = [{ preset = "tiny-layer" }]\n'
+        '[[matrix.workloads]]\nmode = "train"\nbatch = 2\nseq = 16\nwarmup = 1\nrepeats = 2\n'
+        '[[matrix]]\nbackends = ["naive", "shuffle"]\nmodels = [{ preset = "tiny-layer" }]\n'
+        '[[matrix.workloads]]\nmode = "forward"\nbatch = 2\nseq = 16\nwarmup = 1\nrepeats = 2\n')
+    from moebench.suite import load
+    res = paired.run(load(str(suite)), "naive", rounds=3, steps=2, log_path=tmp_path / "p.log")
+    first, second = res["groups"]
+    assert {e["status"] for e in first["cases"]} == {"failed"}
+    assert all("killed by signal SIGKILL" in e["reason"] for e in first["cases"]), first["cases"]
+    assert [e["status"] for e in second["cases"]] == ["ok", "ok"] and second["cases"][1]["ratio"] > 0

@@ -152,7 +152,11 @@ def test_expert_choice_layer_output_is_the_sum_over_choosing_experts():
         for t in s[:, e].topk(C).indices.tolist():
             h = x[t] @ layer.w1_EDF2[e]
             want[t] += s[t, e] * ((torch.nn.functional.silu(h[:6]) * h[6:]) @ layer.w2_EFD[e])
-    torch.testing.assert_close(y, want)
+    # the router scores in fp32 by design (moebench.routing: autocast off, x.float() @ wr.float()), so the gate
+    # weights carry fp32 rounding (u = 2**-24 = 6e-8 per operation; a D=8 dot and a softmax: a few 1e-7 relative,
+    # 5.6e-8 seen on one CPU, elementwise up to 2e-7 on another); 1e-6 (~16 u) holds that, while leaving out any
+    # one (token, expert) pair moves it to 7e-3 or more
+    assert metrics.rel_err(y, want) <= 1e-6
     y.sum().backward()
     assert layer.router.wr_DE.grad.abs().sum() > 0
 

@@ -1,8 +1,10 @@
 """Suites load, validate and expand; bad input is one clear message and exit code 2; `moebench run --suite ci`
 writes one ok record per (model, backend, workload), each with its env block."""
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -52,6 +54,10 @@ seq = 8
      ["n_group (4) must divide n_experts (6)"]),
     ("backends = ['naiv']\n" + GOOD, ["backends[0]", "Did you mean 'naive'"]),
     (GOOD + "[[matrix]\n", ["not valid TOML"]),
+    ("backends = [{ name = 'capacity', capacity_factor = -1.0 }]\n" + GOOD,
+     ["backends[0]", "backend 'capacity'", "capacity_factor must be a finite number > 0", "got -1.0"]),
+    ("backends = ['naive', { name = 'triton', recompute = 50 }]\n" + GOOD,
+     ["backends[1]", "backend 'triton'", "recompute must be 0", "or 100", "got 50"]),
 ])
 def test_bad_suite_is_one_clear_message(tmp_path, text, must_say):
     path = write(tmp_path, text)
@@ -64,6 +70,26 @@ def test_bad_suite_is_one_clear_message(tmp_path, text, must_say):
     out = tmp_path / "r.jsonl"
     res = runner.invoke(app, ["run", "--suite", path, "--out", str(out), "--device", "cpu"])
     assert res.exit_code == 2 and not out.exists()
+
+
+def test_a_bad_value_is_shown_once(tmp_path):
+    path = write(tmp_path, GOOD.replace("seq = 8", "seq = 8\nrouting = 'zipf:abc'"))
+    with pytest.raises(SuiteError) as e:
+        load(path)
+    msg = str(e.value)
+    assert "matrix[0].workloads[0].routing" in msg and msg.count("zipf:abc") == 1, msg
+    path = write(tmp_path, GOOD.replace("seq = 8", "seq = -8"))  # a value the message does not quote: still shown
+    with pytest.raises(SuiteError, match="got -8"):
+        load(path)
+
+
+def test_a_utf8_bom_suite_loads(tmp_path):
+    """Some editors (Notepad, some Windows tools) start a UTF-8 file with a byte-order mark."""
+    p = tmp_path / "bom.toml"
+    p.write_bytes(b"\xef\xbb\xbf" + ('description = "with a BOM"\n' + GOOD).encode())
+    assert [c.model.name for c in load(str(p))] == ["tiny-layer"] * 3
+    from moebench.suite import describe
+    assert describe(str(p)) == "with a BOM"
 
 
 def test_unknown_names_exit_2_with_closest_match(tmp_path):
@@ -84,15 +110,29 @@ def test_list_runs():
 
 @pytest.mark.slow
 def test_run_ci_suite_end_to_end(tmp_path):
-    out = tmp_path / "ci.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "moebench", "run", "--suite", "ci", "--device", "cpu",
-                           "--out", str(out), "--no-report"], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """The `ci` suite as .ci/run runs it (the triton cases under the interpreter, --strict): every case ok but the
+    one under graphs, which a CPU records as skipped with the reason. Under .ci/run, which has just run exactly
+    this as its parity gate, the test reads that run's records ($MOEBENCH_CI_RESULTS) instead of a second run."""
+    done = os.environ.get("MOEBENCH_CI_RESULTS")
+    if done and os.path.exists(done):
+        out = Path(done)
+    else:
+        out = tmp_path / "ci.jsonl"
+        proc = subprocess.run([sys.executable, "-m", "moebench", "run", "--suite", "ci", "--device", "cpu",
+                               "--strict", "--out", str(out), "--no-report"], capture_output=True, text=True,
+                              timeout=900, env=dict(os.environ, TRITON_INTERPRET="1"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     expected = load("ci")
     assert {r["case_key"] for r in recs} == {c.key for c in expected}
-    bad = [(r["label"], r["status"], r["reason"]) for r in recs if r["status"] != "ok"]
+    assert {r["case"]["backend"] for r in recs if r["status"] == "ok"} >= {"naive", "shuffle", "grouped_mm",
+                                                                          "capacity", "triton"}
+    bad = [(r["label"], r["status"], r["reason"]) for r in recs if r["status"] != "ok"
+           and not (r["case"]["workload"].get("exec") == "graphs" and r["reason"] == "CUDA graphs need CUDA")]
     assert not bad, bad
     for r in recs:
-        assert r["env"]["torch"] and r["env"]["ceiling_tflops"] > 0
-        assert r["metrics"]["tokens_per_s"]["p50"] > 0
+        assert r["env"]["torch"]
+        if r["status"] == "ok":
+            assert r["env"]["ceiling_tflops"] > 0 and r["metrics"]["tokens_per_s"]["p50"] > 0
+            if r["case"]["workload"]["level"] != "train-run":  # a train-run is timed as it trains
+                assert "precision" in r["metrics"] and "noisy" in r["metrics"]

@@ -5,10 +5,12 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from moebench import data, harness, suite, train
+from moebench import data, harness, registry, suite, train
+from moebench.routing import capacity, dropped_fraction
 from moebench.spec import Case, TrainOptions, Workload, preset
 
 
@@ -168,8 +170,15 @@ def test_router_options_train(router, backend):
     assert all(math.isfinite(v) for v in m["loss_curve"])
     if "aux_alpha" in router:
         assert m["aux_loss_curve"][0] > 0 and m["aux_loss_curve"][0] < m["aux_loss_curve"][-1] * 1.5
-    if "capacity_factor" in router or backend == "capacity":
-        assert m["train_run"]["dropped_frac"] >= 0
+    if "capacity_factor" in router or backend == "capacity":  # router capacity, or the capacity backend's
+        cf = router.get("capacity_factor") or registry.get(backend).options["capacity_factor"]
+        w, spec = case().workload, case(router=router).model
+        C = capacity(w.tokens, spec.top_k, spec.n_experts, cf)
+        drops = m["dropped_curve"]
+        assert len(drops) == 4 and m["train_run"]["dropped_frac"] == pytest.approx(np.mean(drops))
+        # the last step (= the last 10% of 4 steps) drops what its loads imply: expert i keeps min(c_i, C)
+        assert drops[-1] == pytest.approx(dropped_fraction(m["load"]["train_last10pct"], C))
+        assert 0 < m["train_run"]["dropped_frac"] < 1  # an untrained router overflows C (0.08 and 0.23 seen)
 
 
 def test_bf16_autocast_run_on_cpu():

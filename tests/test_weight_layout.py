@@ -18,7 +18,7 @@ from implementations.peers import sonicmoe as peer
 from moebench import harness, registry, report
 from moebench.metrics import rel_err
 from moebench.model import build_layer, expert_weights, in_layout
-from moebench.registry import _REGISTRY, Backend, register
+from moebench.registry import _REGISTRY, Backend, register, unregister
 from moebench.spec import Case, Workload, preset
 
 
@@ -41,7 +41,7 @@ def linear_backend():
                          weight_layout="linear"))
     seen.clear()
     yield b
-    _REGISTRY.pop(b.name, None)
+    unregister(b.name)
 
 
 def test_unknown_weight_layout_is_refused_with_the_choices():
@@ -81,12 +81,12 @@ def test_layer_stores_the_backends_layout_with_the_same_values(linear_backend):
 @pytest.mark.parametrize("level", ["layer", "model"])
 def test_harness_checks_and_times_on_the_backends_storage(linear_backend, level):
     wl = Workload(level=level, mode="train", batch=2, seq=16, dtype="float32", warmup=1, repeats=2)
-    rec = harness.run_case(Case(model=preset("tiny"), backend="test-linear", workload=wl), "t", {})
+    rec = harness.run_case(Case(model=preset("tiny"), backend="test-linear", workload=wl, max_time_s=0.3), "t", {})
     assert rec["status"] == "ok", rec["reason"]
     assert rec["metrics"]["weight_layout"] == "linear"
     assert rec["metrics"]["parity"]["ok"]
     assert seen and all(seen)  # parity and every timed step got linear-stored weights, none a copy
-    base = harness.run_case(Case(model=preset("tiny"), backend="naive", workload=wl), "t", {})
+    base = harness.run_case(Case(model=preset("tiny"), backend="naive", workload=wl, max_time_s=0.3), "t", {})
     assert base["metrics"]["weight_layout"] == "canonical"
     labels = report.frame([rec, base])["backend_label"].tolist()
     assert labels == ["test-linear [linear weights]", "naive"]  # the report tells the storage apart

@@ -111,6 +111,8 @@ register(Backend(
     devices=("cuda",),
     available=_available_swiglu,
     supports=_supports_swiglu,
+    host_sync=lambda device, dtype: None if device == "cuda" and dtype == "bfloat16" else
+    "its torch._grouped_mm GEMMs fall back to a per-group loop with a host sync here",
 ))
 
 register(Backend(
@@ -122,4 +124,5 @@ register(Backend(
     dtypes=("bfloat16",),
     available=_available_fused_moe,
     weight_layout="linear",
+    host_sync="not verified free of host syncs under CUDA graphs (peer)",
 ))

@@ -118,4 +118,5 @@ register(Backend(
     options={"routing_path": "general", "gate_up": "concat"},
     available=_available,
     weight_layout="linear",
+    host_sync="not verified free of host syncs under CUDA graphs (peer)",
 ))

@@ -32,19 +32,32 @@ def _supports(device, dtype, shape):
     return None
 
 
-def forward(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, recompute=100):
+def forward(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, recompute=100, wdesc=True, pregather="auto"):
     from implementations.triton.moe import moe_forward
-    return moe_forward(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, recompute=recompute)
+    return moe_forward(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, recompute=recompute, wdesc=wdesc, pregather=pregather)
+
+
+def _validate(options: dict) -> str | None:
+    rc = options.get("recompute", 100)
+    if rc not in (0, 100) or isinstance(rc, bool):
+        return f"recompute must be 0 (keep inputs only) or 100 (keep gate/up pre-activations), got {rc!r}"
+    pg = options.get("pregather", "auto")
+    if pg not in ("auto", "on", "off"):
+        return f"pregather must be auto, on or off, got {pg!r}"
+    return None
 
 
 TRITON = register(Backend(
     name="triton",
     forward=forward,
     description="own Triton kernels: gather fused into grouped GEMM + SwiGLU epilogue + slot-order combine, "
-                "fused backward (recompute 0 keeps inputs only, 100 keeps gate/up pre-activations)",
+                "fused backward (recompute 0 keeps inputs only, 100 keeps gate/up pre-activations); options "
+                "wdesc (weights by tensor descriptor in the gathering GEMMs) and pregather (auto|on|off: copy x[tok] "
+                "to sorted order first) switch code paths for A/B runs",
     devices=("cuda", "cpu"),
-    options={"recompute": 100},
+    options={"recompute": 100, "wdesc": True, "pregather": "auto"},
     available=_available,
     supports=_supports,
+    validate=_validate,
 ))
 register(folded(TRITON))  # triton+shared: shared experts as always-on experts (MoMoE)

@@ -11,10 +11,14 @@ Backward: recompute=100: rows_gemm dA' = dy[tok] @ W2^T (pre-gathered likewise),
           -> wgrad dW1 = x[tok]^T dH.
 recompute=100 keeps h_SF2 = [x W_g | x W_u] from the forward; recompute=0 keeps only the inputs and
 recomputes g,u inside bwd_act's D loop (2*S*D*2F more GEMM flops; no S x 2F tensor kept or made).
+
+Forward and backward are two PyTorch custom ops (moebench::triton_experts_fwd / _bwd) with fake (meta)
+implementations and an autograd formula, so torch.compile traces a model that uses them without a graph break
+(they stay opaque calls in its graph) and CUDA-graph capture records their kernels like any other. The forward
+returns what the backward needs (h, x[tok], the expert-sorted routing) as outputs; empty tensors stand for
+"not kept".
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -48,18 +52,27 @@ def _cdiv(a: int, b: int) -> int:
 class Routing:
     """Expert-sorted slot metadata, all on the device, built without a host sync."""
 
-    def __init__(self, idx_TK: torch.Tensor, E: int, kn):
-        self.T, self.K = idx_TK.shape
+    def __init__(self, idx_TK: torch.Tensor | None, E: int, kn, saved: tuple | None = None, T: int = 0, K: int = 0):
+        """From idx_TK, or (backward) from the tensors() a forward returned, with T and K."""
+        if saved is not None:
+            self.T, self.K = T, K
+            self.order_S, self.tok_S, self.orow_S, self.starts_E, self.ends_E = saved
+        else:
+            self.T, self.K = idx_TK.shape
+            sorted_S, order_S = torch.sort(idx_TK.reshape(-1), stable=True)
+            experts_E = torch.arange(E, device=idx_TK.device, dtype=sorted_S.dtype)
+            self.starts_E = torch.searchsorted(sorted_S, experts_E, out_int32=True)
+            self.ends_E = torch.searchsorted(sorted_S, experts_E, right=True, out_int32=True)
+            self.order_S = order_S.to(torch.int32)                                  # sorted row -> slot
+            self.tok_S = torch.div(self.order_S, self.K, rounding_mode="floor")   # sorted row -> token
+            # sorted row -> k-major output row k*T + t (down and dX scatter there; p_KT is indexed by it too)
+            self.orow_S = (self.tok_S.clone() if self.K == 1
+                           else (self.order_S - self.tok_S * self.K) * self.T + self.tok_S)
         self.E, self.S, self.kn = E, self.T * self.K, kn
-        sorted_S, order_S = torch.sort(idx_TK.reshape(-1), stable=True)
-        experts_E = torch.arange(E, device=idx_TK.device, dtype=sorted_S.dtype)
-        self.starts_E = torch.searchsorted(sorted_S, experts_E, out_int32=True)
-        self.ends_E = torch.searchsorted(sorted_S, experts_E, right=True, out_int32=True)
-        self.order_S = order_S.to(torch.int32)                                  # sorted row -> slot
-        self.tok_S = torch.div(self.order_S, self.K, rounding_mode="floor")   # sorted row -> token
-        # sorted row -> k-major output row k*T + t (down and dX scatter there; p_KT is indexed by it too)
-        self.orow_S = self.tok_S if self.K == 1 else (self.order_S - self.tok_S * self.K) * self.T + self.tok_S
         self._sched: dict[int, tuple] = {}
+
+    def tensors(self) -> tuple:
+        return self.order_S, self.tok_S, self.orow_S, self.starts_E, self.ends_E
 
     def schedule(self, BM: int):
         """(tile_e, tile_r0, n_tiles): row tiles of BM rows per expert, padded to a fixed count (-1 = spare)."""
@@ -89,10 +102,21 @@ def _opts(cfg):
                 "num_stages": cfg.num_stages}
 
 
-class Launcher:
-    """One expert-block problem (shapes, dtype, routing, kernels) and a launcher per kernel."""
+def uses_tma(x_TD, D: int, F: int) -> bool:
+    """The tensor-descriptor (TMA) kernels: on Hopper or newer (or the interpreter), with D and F multiples of 64
+    (the padding gives that) so that every K step is a full block and every row stride is 16-byte aligned."""
+    cap_ok = not x_TD.is_cuda or torch.cuda.get_device_capability(x_TD.device)[0] >= 9
+    return cap_ok and D % 64 == 0 and F % 64 == 0
 
-    def __init__(self, x_TD, w1_EDF2, R: Routing):
+
+PREGATHER = ("auto", "on", "off")
+
+
+class Launcher:
+    """One expert-block problem (shapes, dtype, routing, kernels) and a launcher per kernel. Options (backend
+    options of `triton`, so they are in the case key): wdesc, pregather (see below)."""
+
+    def __init__(self, x_TD, w1_EDF2, R: Routing, wdesc: bool = True, pregather: str = "auto"):
         self.interpret = not x_TD.is_cuda
         self.kn = R.kn
         self.R = R
@@ -102,20 +126,18 @@ class Launcher:
         self.prec = _prec(x_TD.dtype)
         self.upcast = self.interpret and x_TD.dtype != torch.float32
         self.key = (self.D, self.F, self.E, R.K, tuning.token_bucket(R.T), str(x_TD.dtype).split(".")[-1])
-        # tensor-descriptor (TMA) kernels: on Hopper or newer (or the interpreter), with D and F multiples of 64
-        # (the padding gives that) so that every K step is a full block and every row stride is 16-byte aligned
-        cap_ok = self.interpret or torch.cuda.get_device_capability(x_TD.device)[0] >= 9
-        self.tma = cap_ok and self.D % 64 == 0 and self.F % 64 == 0
-        # the kernels that gather A rows (gate_up, dA') read their weights by descriptor too, unless
-        # MOEBENCH_TRITON_WDESC=0 (an A/B switch for benchmarks; both paths are tested)
-        self.wdesc = self.tma and os.environ.get("MOEBENCH_TRITON_WDESC", "1") != "0"
+        self.tma = uses_tma(x_TD, self.D, self.F)
+        # the kernels that gather A rows (gate_up, dA') read their weights by descriptor too, unless wdesc=False
+        # (an A/B switch for benchmarks; both paths are tested)
+        self.wdesc = self.tma and wdesc
         # recompute=100 training: x[tok] and dy[tok] are copied to sorted-row order first (torch index_select),
         # and gate_up and dA' read them by descriptor, when F >= PREGATHER_MIN_F (the copy costs S*D, the GEMM
         # time it saves grows with F: on the H100 a 1 ms gain at F=14336, a wash at F <= 1408); otherwise those two
         # GEMMs gather themselves and their first column-tile programs write the sorted copies for the dW GEMMs.
-        # MOEBENCH_TRITON_PREGATHER=1/0 forces either way (A/B runs; both paths are tested).
-        force = os.environ.get("MOEBENCH_TRITON_PREGATHER", "auto")
-        self.pregather = self.tma and (force == "1" or (force != "0" and self.F >= PREGATHER_MIN_F))
+        # pregather = on / off forces either way (A/B runs; both paths are tested).
+        if pregather not in PREGATHER:
+            raise ValueError(f"triton: pregather must be one of {', '.join(PREGATHER)}, got {pregather!r}")
+        self.pregather = self.tma and (pregather == "on" or (pregather == "auto" and self.F >= PREGATHER_MIN_F))
 
     def _run(self, kind, variant, launch):
         cfg = tuning.pick(kind, self.key + variant, launch, self.interpret, self.dtype == torch.float32)
@@ -282,70 +304,130 @@ class Launcher:
         return out_EMN
 
 
-class ExpertBlock(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, save_h: bool, for_backward: bool):
-        kn = kernels(not x_TD.is_cuda)
-        R = Routing(idx_TK, w1_EDF2.shape[0], kn)
-        L = Launcher(x_TD, w1_EDF2, R)
-        p_KT = p_TK.t().contiguous().view(-1)  # k-major, as the output rows of down
-        keep = save_h and for_backward  # recompute=100 training: keep h and x[tok] in sorted-row order
-        if keep and L.pregather:
-            xs_SD = x_TD.index_select(0, R.tok_S)
-            a_SF, h_SF2 = L.gate_up_sorted(xs_SD, w1_EDF2, True)
-        else:
-            a_SF, h_SF2, xs_SD = L.gate_up(x_TD, w1_EDF2, keep, save_x=keep and L.tma)
-        o_SD = L.rows_gemm("down", a_SF, w2_EFD, False, p_KT, _empty(x_TD, R.S, L.D))
-        del a_SF
-        if for_backward:
-            ctx.R, ctx.L = R, L
-            ctx.save_for_backward(x_TD, p_TK, w1_EDF2, w2_EFD, h_SF2, xs_SD)
-        return _sum_k(o_SD, R)
+def _nothing(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
 
-    @staticmethod
-    def backward(ctx, dy_TD):
-        x_TD, p_TK, w1_EDF2, w2_EFD, h_SF2, xs_SD = ctx.saved_tensors
-        R, L = ctx.R, ctx.L
-        need_x, _, need_p, need_w1, need_w2 = ctx.needs_input_grad[:5]
-        dy_TD, p_S = dy_TD.contiguous(), p_TK.reshape(-1)
-        dys_SD = None
-        if h_SF2 is not None:  # recompute=100: plain GEMM for dA', then the elementwise SwiGLU backward
-            # with xs_SD kept, dy[tok] is also made in sorted-row order (copied first with pregather, else written
-            # by the gathering dA' GEMM): both dW GEMMs then read contiguous operands by tensor descriptor
-            # (gathered dW operands cost 20-40% of the dW rate on the H100)
-            if xs_SD is not None and L.pregather:
-                dys_SD = dy_TD.index_select(0, R.tok_S)
-                da_SF = L.rows_gemm_tma("dact", dys_SD, w2_EFD, True, None, _empty(x_TD, R.S, L.F), scatter=False)
-            else:
-                dys_SD = _empty(x_TD, R.S, L.D) if xs_SD is not None and need_w2 else None
-                da_SF = L.rows_gemm("dact", dy_TD, w2_EFD, True, None, _empty(x_TD, R.S, L.F), gather_a=True,
-                                    scatter=False, save_a=dys_SD)
-            dh_SF2, ap_SF, dp_S = L.swiglu_bwd(h_SF2, da_SF, p_S)
-            del da_SF
+
+@torch.library.custom_op("moebench::triton_experts_fwd", mutates_args=())
+def experts_fwd(x_TD: torch.Tensor, idx_TK: torch.Tensor, p_TK: torch.Tensor, w1_EDF2: torch.Tensor,
+                w2_EFD: torch.Tensor, save_h: bool, for_backward: bool, wdesc: bool,
+                pregather: str) -> list[torch.Tensor]:
+    """[y_TD, h_SF2, xs_SD, order_S, tok_S, orow_S, starts_E, ends_E]; all but y empty when not for_backward,
+    h_SF2 and xs_SD empty when not kept (recompute=0; xs also without the descriptor kernels)."""
+    kn = kernels(not x_TD.is_cuda)
+    R = Routing(idx_TK, w1_EDF2.shape[0], kn)
+    L = Launcher(x_TD, w1_EDF2, R, wdesc, pregather)
+    p_KT = p_TK.t().contiguous().view(-1)  # k-major, as the output rows of down
+    keep = save_h and for_backward  # recompute=100 training: keep h and x[tok] in sorted-row order
+    if keep and L.pregather:
+        xs_SD = x_TD.index_select(0, R.tok_S)
+        a_SF, h_SF2 = L.gate_up_sorted(xs_SD, w1_EDF2, True)
+    else:
+        a_SF, h_SF2, xs_SD = L.gate_up(x_TD, w1_EDF2, keep, save_x=keep and L.tma)
+    o_SD = L.rows_gemm("down", a_SF, w2_EFD, False, p_KT, _empty(x_TD, R.S, L.D))
+    del a_SF
+    y_TD = _sum_k(o_SD, R)
+    if not for_backward:  # distinct empty tensors: custom-op outputs must not alias one another
+        return [y_TD] + [_nothing(x_TD) for _ in range(2)] + [_nothing(R.order_S) for _ in range(5)]
+    return [y_TD, h_SF2 if h_SF2 is not None else _nothing(x_TD), xs_SD if xs_SD is not None else _nothing(x_TD),
+            *R.tensors()]
+
+
+@experts_fwd.register_fake
+def _(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, save_h, for_backward, wdesc, pregather):
+    (T, D), K, (E, _, F2) = x_TD.shape, idx_TK.shape[1], w1_EDF2.shape
+    S, F = T * K, F2 // 2
+    y = x_TD.new_empty(T, D)
+    ints = [idx_TK.new_empty(0, dtype=torch.int32)] * 5
+    if not for_backward:
+        return [y, x_TD.new_empty(0), x_TD.new_empty(0), *ints]
+    keep = save_h
+    h = x_TD.new_empty(S, F2) if keep else x_TD.new_empty(0)
+    xs = x_TD.new_empty(S, D) if keep and uses_tma(x_TD, D, F) else x_TD.new_empty(0)
+    i32 = dict(dtype=torch.int32)
+    return [y, h, xs, idx_TK.new_empty(S, **i32), idx_TK.new_empty(S, **i32), idx_TK.new_empty(S, **i32),
+            idx_TK.new_empty(E, **i32), idx_TK.new_empty(E, **i32)]
+
+
+@torch.library.custom_op("moebench::triton_experts_bwd", mutates_args=())
+def experts_bwd(dy_TD: torch.Tensor, x_TD: torch.Tensor, p_TK: torch.Tensor, w1_EDF2: torch.Tensor,
+                w2_EFD: torch.Tensor, h_SF2: torch.Tensor, xs_SD: torch.Tensor, order_S: torch.Tensor,
+                tok_S: torch.Tensor, orow_S: torch.Tensor, starts_E: torch.Tensor, ends_E: torch.Tensor,
+                need_x: bool, need_p: bool, need_w1: bool, need_w2: bool, wdesc: bool,
+                pregather: str) -> list[torch.Tensor]:
+    """[dx_TD, dp_TK, dw1_EDF2, dw2_EFD], each empty where not needed."""
+    T, K = p_TK.shape
+    R = Routing(None, w1_EDF2.shape[0], kernels(not x_TD.is_cuda), (order_S, tok_S, orow_S, starts_E, ends_E),
+                T, K)
+    L = Launcher(x_TD, w1_EDF2, R, wdesc, pregather)
+    h_SF2 = h_SF2 if h_SF2.numel() else None
+    xs_SD = xs_SD if xs_SD.numel() else None
+    dy_TD, p_S = dy_TD.contiguous(), p_TK.reshape(-1)
+    dys_SD = None
+    if h_SF2 is not None:  # recompute=100: plain GEMM for dA', then the elementwise SwiGLU backward
+        # with xs_SD kept, dy[tok] is also made in sorted-row order (copied first with pregather, else written
+        # by the gathering dA' GEMM): both dW GEMMs then read contiguous operands by tensor descriptor
+        # (gathered dW operands cost 20-40% of the dW rate on the H100)
+        if xs_SD is not None and L.pregather:
+            dys_SD = dy_TD.index_select(0, R.tok_S)
+            da_SF = L.rows_gemm_tma("dact", dys_SD, w2_EFD, True, None, _empty(x_TD, R.S, L.F), scatter=False)
         else:
-            dh_SF2, ap_SF, dp_S = L.bwd_act(dy_TD, x_TD, w1_EDF2, w2_EFD, p_S)
-        dw2 = None
-        if need_w2:
-            dw2 = _empty(w2_EFD, *w2_EFD.shape)
-            if dys_SD is not None:
-                L.wgrad_tma(ap_SF, dys_SD, False, False, dw2, kind="wgrad_sorted")
-            else:
-                L.wgrad(ap_SF, dy_TD, False, True, dw2)
-        del ap_SF, dys_SD
-        dx = None
-        if need_x:
-            dx_SD = L.rows_gemm("dx", dh_SF2, w1_EDF2, True, None, _empty(x_TD, R.S, L.D))
-            dx = _sum_k(dx_SD, R)
-            del dx_SD
-        dw1 = None
-        if need_w1:
-            dw1 = _empty(w1_EDF2, *w1_EDF2.shape)
-            if xs_SD is not None:
-                L.wgrad_tma(xs_SD, dh_SF2, False, False, dw1, kind="wgrad_sorted")
-            else:
-                L.wgrad(x_TD, dh_SF2, True, False, dw1)
-        dp = dp_S.view(R.T, R.K).to(p_TK.dtype) if need_p else None
-        return dx, None, dp, dw1, dw2, None, None
+            dys_SD = _empty(x_TD, R.S, L.D) if xs_SD is not None and need_w2 else None
+            da_SF = L.rows_gemm("dact", dy_TD, w2_EFD, True, None, _empty(x_TD, R.S, L.F), gather_a=True,
+                                scatter=False, save_a=dys_SD)
+        dh_SF2, ap_SF, dp_S = L.swiglu_bwd(h_SF2, da_SF, p_S)
+        del da_SF
+    else:
+        dh_SF2, ap_SF, dp_S = L.bwd_act(dy_TD, x_TD, w1_EDF2, w2_EFD, p_S)
+    dw2 = _nothing(w2_EFD)
+    if need_w2:
+        dw2 = _empty(w2_EFD, *w2_EFD.shape)
+        if dys_SD is not None:
+            L.wgrad_tma(ap_SF, dys_SD, False, False, dw2, kind="wgrad_sorted")
+        else:
+            L.wgrad(ap_SF, dy_TD, False, True, dw2)
+    del ap_SF, dys_SD
+    dx = _nothing(x_TD)
+    if need_x:
+        dx_SD = L.rows_gemm("dx", dh_SF2, w1_EDF2, True, None, _empty(x_TD, R.S, L.D))
+        dx = _sum_k(dx_SD, R)
+        del dx_SD
+    dw1 = _nothing(w1_EDF2)
+    if need_w1:
+        dw1 = _empty(w1_EDF2, *w1_EDF2.shape)
+        if xs_SD is not None:
+            L.wgrad_tma(xs_SD, dh_SF2, False, False, dw1, kind="wgrad_sorted")
+        else:
+            L.wgrad(x_TD, dh_SF2, True, False, dw1)
+    dp = dp_S.view(T, K).to(p_TK.dtype) if need_p else _nothing(p_TK)
+    return [dx, dp, dw1, dw2]
+
+
+@experts_bwd.register_fake
+def _(dy_TD, x_TD, p_TK, w1_EDF2, w2_EFD, h_SF2, xs_SD, order_S, tok_S, orow_S, starts_E, ends_E,
+      need_x, need_p, need_w1, need_w2, wdesc, pregather):
+    def like(t, need):
+        return torch.empty_like(t) if need else t.new_empty(0)
+    return [like(x_TD, need_x), like(p_TK, need_p), like(w1_EDF2, need_w1), like(w2_EFD, need_w2)]
+
+
+def _setup(ctx, inputs, output):
+    x_TD, _idx, p_TK, w1_EDF2, w2_EFD, _save_h, _fb, wdesc, pregather = inputs
+    ctx.save_for_backward(x_TD, p_TK, w1_EDF2, w2_EFD, *output[1:])
+    ctx.opts = (wdesc, pregather)
+
+
+def _backward(ctx, grads):
+    dy_TD = grads[0]  # the gradient of y; the other outputs (what backward keeps) are not differentiated
+    x_TD, p_TK, w1_EDF2, w2_EFD, *saved = ctx.saved_tensors
+    need_x, _, need_p, need_w1, need_w2 = ctx.needs_input_grad[:5]
+    dx, dp, dw1, dw2 = experts_bwd(dy_TD, x_TD, p_TK, w1_EDF2, w2_EFD, *saved, need_x, need_p, need_w1, need_w2,
+                                   *ctx.opts)
+    return (dx if need_x else None), None, (dp if need_p else None), (dw1 if need_w1 else None), \
+        (dw2 if need_w2 else None), None, None, None, None
+
+
+experts_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def _sum_k(o_SD, R: Routing):
@@ -376,14 +458,18 @@ def _pad_block(x_TD, w1_EDF2, w2_EFD):
     return x_TD, w1_EDF2, w2_EFD
 
 
-def moe_forward(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, recompute: int = 100):
+def moe_forward(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, recompute: int = 100, wdesc: bool = True,
+                pregather: str = "auto"):
     if recompute not in (0, 100):
         raise ValueError(f"triton: recompute must be 0 (keep inputs only) or 100 (keep all), got {recompute}")
+    if pregather not in PREGATHER:
+        raise ValueError(f"triton: pregather must be one of {', '.join(PREGATHER)}, got {pregather!r}")
     tensors = (x_TD, p_TK, w1_EDF2, w2_EFD)
     for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     D = x_TD.shape[1]
     if PAD_TO:
         x_TD, w1_EDF2, w2_EFD = _pad_block(x_TD, w1_EDF2, w2_EFD)
     x_TD, p_TK, w1_EDF2, w2_EFD = (t.contiguous() for t in (x_TD, p_TK, w1_EDF2, w2_EFD))
-    y_TD = ExpertBlock.apply(x_TD, idx_TK.contiguous(), p_TK, w1_EDF2, w2_EFD, recompute == 100, for_backward)
+    y_TD = experts_fwd(x_TD, idx_TK.contiguous(), p_TK, w1_EDF2, w2_EFD, recompute == 100, for_backward, wdesc,
+                       pregather)[0]
     return y_TD[:, :D] if y_TD.shape[1] != D else y_TD

@@ -1,11 +1,14 @@
 """CPU microbenchmarks of each registered backend's MoE layer (pytest-benchmark), forward and train (fwd+bwd).
 
-    pytest tests/benchmarks --benchmark-only --benchmark-json=bench.json   # measure
-    pytest -q                                                              # also runs them: a few short rounds
+    pytest tests/benchmarks --benchmark-only --benchmark-autosave          # measure, save as the baseline
+    pytest tests/benchmarks --benchmark-only --benchmark-compare --benchmark-compare-fail=median:25%
+                                                          # measure again: fails on a median 25% slower than it
+    pytest -q                                             # also runs them, one untimed-for-comparison round each
 
-The shape is small so the normal test run stays fast; these catch gross CPU slow-downs and keep every backend's
-layer runnable. Real numbers come from `moebench run` on a GPU. A backend that cannot run here is skipped with
-its own reason.
+A plain test run checks that every backend's layer runs at this shape (finite output; in train mode a finite
+input gradient) and compares no times: a slow-down is caught only against a saved baseline, as above, on the
+same machine. The shape is small so the normal test run stays fast. Real numbers come from `moebench run` on a GPU.
+A backend that cannot run here is skipped with its own reason.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from moebench.spec import ModelSpec
 
 SPEC = ModelSpec(name="bench-layer", d_model=128, d_expert=256, n_experts=8, top_k=2, n_heads=1)
 T = 256
-ROUNDS = {"measure": 30, "pass-through": 3}  # --benchmark-only measures; a plain `pytest` run only exercises
+ROUNDS = {"measure": 30, "pass-through": 1}  # --benchmark-only measures; a plain `pytest` run only exercises
 BACKENDS = sorted(registry.all_backends())
 
 
@@ -65,7 +68,8 @@ def test_layer(benchmark, request, name, mode):
         assert x_TD.grad is not None and torch.isfinite(x_TD.grad).all()
     benchmark.group = f"moe-layer-{mode} T={T} D={SPEC.d_model} F={SPEC.d_expert} E={SPEC.n_experts} K={SPEC.top_k}"
     benchmark.extra_info["tokens"] = T
-    rounds = ROUNDS["measure" if request.config.getoption("benchmark_only") else "pass-through"]
-    benchmark.pedantic(step, rounds=rounds, warmup_rounds=1, iterations=1)
+    measure = request.config.getoption("benchmark_only")
+    benchmark.pedantic(step, rounds=ROUNDS["measure" if measure else "pass-through"], warmup_rounds=int(measure),
+                       iterations=1)  # (the step above warmed the layer up already)
     if benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info["tokens_per_s_median"] = T / benchmark.stats.stats.median
