@@ -18,15 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from implementations import ep
 from moebench import distributed, registry, results
 from moebench.distributed import scaling
 from moebench.metrics import rel_err
 from moebench.suite import load
-from tests.procs import alive_with, gone
+from tests.procs import alive_with, gone, spawn_ranks
 
 REPO = Path(__file__).resolve().parent.parent
 D, F, E, K = 16, 12, 4, 2
@@ -74,25 +72,21 @@ def _compare(rank, R, backend, local, Ts, routing, **opts):
         assert err <= 1e-5, f"{backend} {opts} rank {rank} local={local} {routing} Ts={Ts}: {name} rel err {err:.3g}"
 
 
-def _ep_worker(rank, R, init):
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=R)
-    try:
-        for backend in ("ep", "ep-dedup"):
-            for local in ("grouped_mm", "shuffle", "naive"):
-                _compare(rank, R, backend, local, Ts=[37, 5], routing="random")
-            _compare(rank, R, backend, "grouped_mm", Ts=[16, 16], routing="rank0-only")
-        w1, w2, per = _data([8, 8], "random")
-        with pytest.raises(ValueError, match=r"n_experts \(3\) must be divisible by the number of ranks \(2\)"):
-            ep.forward(per[rank]["x"], per[rank]["idx"] % 3, per[rank]["p"], w1[:3], w2[:3])
-        with pytest.raises(ValueError, match="unknown local backend 'nope'.*Valid local backends: .*grouped_mm"):
-            ep.forward(per[rank]["x"], per[rank]["idx"], per[rank]["p"], w1, w2, local="nope")
-    finally:
-        dist.destroy_process_group()
+def _ep_worker(rank, R):
+    for backend in ("ep", "ep-dedup"):
+        for local in ("grouped_mm", "shuffle", "naive"):
+            _compare(rank, R, backend, local, Ts=[37, 5], routing="random")
+        _compare(rank, R, backend, "grouped_mm", Ts=[16, 16], routing="rank0-only")
+    w1, w2, per = _data([8, 8], "random")
+    with pytest.raises(ValueError, match=r"n_experts \(3\) must be divisible by the number of ranks \(2\)"):
+        ep.forward(per[rank]["x"], per[rank]["idx"] % 3, per[rank]["p"], w1[:3], w2[:3])
+    with pytest.raises(ValueError, match="unknown local backend 'nope'.*Valid local backends: .*grouped_mm"):
+        ep.forward(per[rank]["x"], per[rank]["idx"], per[rank]["p"], w1, w2, local="nope")
 
 
 @pytest.mark.timeout(120)
 def test_ep_matches_naive_on_two_ranks(tmp_path):
-    mp.spawn(_ep_worker, args=(2, f"file://{tmp_path / 'store'}"), nprocs=2, join=True)
+    spawn_ranks(_ep_worker, tmp_path)
 
 
 def test_ep_without_process_group_is_a_clear_error():

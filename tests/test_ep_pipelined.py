@@ -11,12 +11,12 @@
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from implementations import ep, ep_pipelined
 from moebench import registry
 from moebench.registry import Backend, register, unregister
 from tests.hostsync import no_host_sync
+from tests.procs import spawn_ranks
 from tests.test_ep import _compare, _data
 
 
@@ -85,36 +85,32 @@ def _order(rank, n):
         assert at[("issue combine_bwd", c)] < at[("experts_bwd", c - 1)], log
 
 
-def _worker(rank, R, init):
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=R)
-    try:
-        one = dist.new_group([0])
-        for chunks, local in ((1, "grouped_mm"), (2, "shuffle"), (4, "grouped_mm")):
-            _compare(rank, R, "ep-pipelined", local, Ts=[24, 24], routing="random", chunks=chunks)
-            if rank == 0:
-                with ep.use_group(one):
-                    _compare(0, 1, "ep-pipelined", "grouped_mm", Ts=[20], routing="random", chunks=chunks)
-        _compare(rank, R, "ep-pipelined", "grouped_mm", Ts=[16, 16], routing="rank0-only", chunks=2)
-        _order(rank, 3)
-        w1, w2, per = _data([24, 24], "random")
-        with pytest.raises(ValueError, match=r"option chunks \(5\) must divide the tokens per rank \(24\)"):
-            ep_pipelined.forward(per[rank]["x"], per[rank]["idx"], per[rank]["p"], w1, w2, chunks=5)
-        x = per[rank]["x"].requires_grad_()
-        ep_pipelined.forward(x, per[rank]["idx"], per[rank]["p"], w1, w2, chunks=3).sum().backward()  # T checked
-        with ep.recording(torch.device("cpu")) as rec, no_host_sync():
-            rec.step = 0
-            ep_pipelined.forward(x, per[rank]["idx"], per[rank]["p"], w1, w2, chunks=3).sum().backward()
-        kinds = {k for _, k, _ in rec.read()}
-        assert {"dispatch_wait", "combine_wait", "dispatch_bwd_wait", "combine_bwd_wait"} <= kinds  # exposed time
-        assert {k for _, k, _ in rec.bytes} >= {"dispatch", "combine", "dispatch_bwd", "combine_bwd"}
-        assert rec.rows[0][4] == 24 * 2 * 2  # padded rows received: R x T x min(K, E/R)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, R):
+    one = dist.new_group([0])
+    for chunks, local in ((1, "grouped_mm"), (2, "shuffle"), (4, "grouped_mm")):
+        _compare(rank, R, "ep-pipelined", local, Ts=[24, 24], routing="random", chunks=chunks)
+        if rank == 0:
+            with ep.use_group(one):
+                _compare(0, 1, "ep-pipelined", "grouped_mm", Ts=[20], routing="random", chunks=chunks)
+    _compare(rank, R, "ep-pipelined", "grouped_mm", Ts=[16, 16], routing="rank0-only", chunks=2)
+    _order(rank, 3)
+    w1, w2, per = _data([24, 24], "random")
+    with pytest.raises(ValueError, match=r"option chunks \(5\) must divide the tokens per rank \(24\)"):
+        ep_pipelined.forward(per[rank]["x"], per[rank]["idx"], per[rank]["p"], w1, w2, chunks=5)
+    x = per[rank]["x"].requires_grad_()
+    ep_pipelined.forward(x, per[rank]["idx"], per[rank]["p"], w1, w2, chunks=3).sum().backward()  # T checked
+    with ep.recording(torch.device("cpu")) as rec, no_host_sync():
+        rec.step = 0
+        ep_pipelined.forward(x, per[rank]["idx"], per[rank]["p"], w1, w2, chunks=3).sum().backward()
+    kinds = {k for _, k, _ in rec.read()}
+    assert {"dispatch_wait", "combine_wait", "dispatch_bwd_wait", "combine_bwd_wait"} <= kinds  # exposed time
+    assert {k for _, k, _ in rec.bytes} >= {"dispatch", "combine", "dispatch_bwd", "combine_bwd"}
+    assert rec.rows[0][4] == 24 * 2 * 2  # padded rows received: R x T x min(K, E/R)
 
 
 @pytest.mark.timeout(120)
 def test_ep_pipelined_matches_naive_and_overlaps(tmp_path):
-    mp.spawn(_worker, args=(2, f"file://{tmp_path / 'store'}"), nprocs=2, join=True)
+    spawn_ranks(_worker, tmp_path)
 
 
 def test_chunks_option_is_validated():

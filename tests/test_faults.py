@@ -328,3 +328,19 @@ def test_corrupt_lines_warn_with_line_numbers_and_good_lines_are_kept(tmp_path):
     keys = [r["case_key"] for r in loaded.records]
     # the good lines, then the two cases that were not done, each a whole record (not glued to the torn line)
     assert keys[:2] == [cases[0].key, cases[1].key] and sorted(keys[2:]) == sorted(c.key for c in cases[2:])
+
+
+def test_strict_exits_1_on_a_mismatch_and_names_it_plain_run_exits_0(fault_backends, tmp_path):
+    # protection: cli.run's `if strict and bad: raise typer.Exit(1)` (issue 17, item 7: parity gates CI). Without
+    # --strict the same suite exits 0 (it ran to the end; the records say why each case ended as it did).
+    suite = tmp_path / "wrong.toml"
+    suite.write_text(suite_toml(["naive", "fault-wrong"], mode='"forward"'))
+    for flags, code in ((["--strict"], 1), ([], 0)):
+        out = tmp_path / f"wrong{len(flags)}.jsonl"
+        res = cli("run", "--suite", suite, "--device", "cpu", "--out", out, "--no-report", "--worker", "reuse",
+                  *flags)
+        assert res.exit_code == code, res.output
+        statuses = {r["case"]["backend"]: r["status"] for r in results.read(out).records}
+        assert statuses == {"naive": "ok", "fault-wrong": "mismatch"}, statuses
+        err = " ".join(res.stderr.split())
+        assert ("--strict: 1 case(s) ended mismatch" in err and "fault-wrong" in err) == bool(flags), err

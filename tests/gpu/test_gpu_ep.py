@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.procs import spawn_ranks
+
 pytestmark = pytest.mark.gpu
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,51 +148,43 @@ def test_ep_padded_under_cuda_graphs_on_two_gpus(tmp_path):
             assert m["scaling"]["vs_best_one_gpu"]["speedup"] > 0, m["scaling"]
 
 
-def _no_sync_worker(rank, R, init):
-    import torch.distributed as dist
-
+def _no_sync_worker(rank, R):
     from implementations import ep
     from moebench import registry
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=init, rank=rank, world_size=R)
+    T, D, F, E, K = 512, 256, 128, 16, 4
+    g = torch.Generator(device="cuda").manual_seed(rank)
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+    idx = torch.rand(T, E, device="cuda", generator=g).topk(K, dim=-1).indices
+    p = torch.rand(T, K, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    w1 = (torch.randn(E, D, 2 * F, device="cuda", generator=g) / D ** 0.5).to(torch.bfloat16).requires_grad_()
+    w2 = (torch.randn(E, F, D, device="cuda", generator=g) / F ** 0.5).to(torch.bfloat16).requires_grad_()
+    fwd = registry.get("ep-padded").forward
+    fwd(x, idx, p, w1, w2).sum().backward()  # the first call checks the token counts (one all_gather)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
     try:
-        T, D, F, E, K = 512, 256, 128, 16, 4
-        g = torch.Generator(device="cuda").manual_seed(rank)
-        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
-        idx = torch.rand(T, E, device="cuda", generator=g).topk(K, dim=-1).indices
-        p = torch.rand(T, K, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
-        w1 = (torch.randn(E, D, 2 * F, device="cuda", generator=g) / D ** 0.5).to(torch.bfloat16).requires_grad_()
-        w2 = (torch.randn(E, F, D, device="cuda", generator=g) / F ** 0.5).to(torch.bfloat16).requires_grad_()
-        fwd = registry.get("ep-padded").forward
-        fwd(x, idx, p, w1, w2).sum().backward()  # the first call checks the token counts (one all_gather)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(2):
-                fwd(x, idx, p, w1, w2).sum().backward()
-            with ep.recording(torch.device("cuda")):  # the exchange timings (CUDA events) add no sync either
-                fwd(x, idx, p, w1, w2).sum().backward()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        try:  # the check can fail: ep's split sizes go to the host
-            torch.cuda.set_sync_debug_mode("error")
-            registry.get("ep").forward(x, idx, p, w1, w2)
-            raise AssertionError("ep ran under sync debug mode 'error' without a sync")
-        except RuntimeError as e:
-            assert "synchroniz" in str(e), e
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        for _ in range(2):
+            fwd(x, idx, p, w1, w2).sum().backward()
+        with ep.recording(torch.device("cuda")):  # the exchange timings (CUDA events) add no sync either
+            fwd(x, idx, p, w1, w2).sum().backward()
     finally:
-        dist.destroy_process_group()
+        torch.cuda.set_sync_debug_mode("default")
+    try:  # the check can fail: ep's split sizes go to the host
+        torch.cuda.set_sync_debug_mode("error")
+        registry.get("ep").forward(x, idx, p, w1, w2)
+        raise AssertionError("ep ran under sync debug mode 'error' without a sync")
+    except RuntimeError as e:
+        assert "synchroniz" in str(e), e
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.timeout(300)
 def test_ep_padded_never_syncs_on_two_gpus(tmp_path):
     """torch.cuda.set_sync_debug_mode('error') around ep-padded's forward and backward over NCCL (local
     grouped_mm, bf16): no operation waits on the device; the same mode catches ep's .tolist()."""
-    import torch.multiprocessing as mp
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 GPUs, this machine has {torch.cuda.device_count()} (kind nvidia-h200-x2)")
     for k, v in NO_MULTICAST.items():
         os.environ.setdefault(k, v)
-    mp.spawn(_no_sync_worker, args=(2, f"file://{tmp_path / 'store'}"), nprocs=2, join=True)
+    spawn_ranks(_no_sync_worker, tmp_path, backend="nccl")
