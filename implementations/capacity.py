@@ -45,7 +45,7 @@ def _capacity(T: int, K: int, E: int, capacity_factor: float = DEFAULT_CF) -> in
 
 def _validate(options: dict) -> str | None:
     cf = options.get("capacity_factor", DEFAULT_CF)
-    if not (isinstance(cf, (int, float)) and math.isfinite(cf) and cf > 0):
+    if isinstance(cf, bool) or not (isinstance(cf, (int, float)) and math.isfinite(cf) and cf > 0):
         return f"capacity_factor must be a finite number > 0 (slots per expert = ceil(cf * T * K / E)), got {cf!r}"
     return None
 

@@ -7,11 +7,11 @@ too), peak memory down, MaxVio down.
 
 Two runs differ in time only when the change exceeds --threshold (default 5%) AND the two medians' 95% intervals
 do not overlap. Each interval comes from its record's timed blocks (metrics.precision.ci95_ms: it carries that
-run's block-to-block variation, not only step-to-step jitter; older records without it: from their step samples,
-said in the row). The step samples inside a run cannot tell two runs apart: a test on them (Mann-Whitney, as
+run's block-to-block variation, not only step-to-step jitter; records without it, older ones and train-runs: from
+their step samples, shown but never deciding: such a row is `noise` past the threshold). The step samples inside a run cannot tell two runs apart: a test on them (Mann-Whitney, as
 before) called two back-to-back runs of the same code different because runs drift. A record flagged `noisy`
-(precision not reached, wide spread, drift, a busy device) gives `noise`, never `regression`, and the row says
-what would decide it. A real difference below the threshold is `same`, with a pointer to `moebench paired`, which
+(precision not reached, wide spread, drift, a busy device) gives `noise`, never `regression` (nor `same`), and the
+row says what would decide it. A real difference below the threshold is `same`, with a pointer to `moebench paired`, which
 times both sides in interleaved rounds and resolves differences two separate runs cannot.
 Metrics without samples (peak memory, MaxVio) are single values that do not vary with timing noise for a fixed
 seed: they regress when they moved the bad way by more than the threshold and by more than a small absolute floor.
@@ -114,17 +114,20 @@ def judge(metric: Metric, base: pd.Series, new: pd.Series, threshold: float) -> 
     overlap = cb is None or cn is None or (cb[0] <= cn[1] and cn[0] <= cb[1])
     noisy = [f"{side}: {why}" for side, why in (("base", _noisy(base)), ("new", _noisy(new))) if why]
     older = "; intervals from step samples (records without blocks)" if "samples" in src_b + src_n else ""
-    if not beyond:
-        why = f"|change| <= {threshold:.0%}" + (f" or <= {metric.floor:g}" if metric.floor else "")
-        if not overlap and not noisy and change != 0:
-            why += f"; the intervals do not overlap: a real {abs(change):.1%} difference? {PAIRED_HINT}"
-        return row | {"verdict": "same", "why": why + older}
-    if noisy:
+    if noisy:  # a noisy record decides nothing, a small change included
         return row | {"verdict": "noise", "why": "; ".join(noisy) + " -> rerun on a quiet machine with a longer "
                       "--max-time (or --precision reached) to decide"}
+    if not beyond:
+        why = f"|change| <= {threshold:.0%}" + (f" or <= {metric.floor:g}" if metric.floor else "")
+        if not overlap and change != 0:
+            why += f"; the intervals do not overlap: a real {abs(change):.1%} difference? {PAIRED_HINT}"
+        return row | {"verdict": "same", "why": why + older}
     if cb is None or cn is None:
         return row | {"verdict": "noise", "why": "no 95% interval on a side (too few blocks): rerun with a longer "
                       "--max-time to decide" + older}
+    if older:  # within-run step jitter cannot tell two runs apart (the module's docstring): never a verdict
+        return row | {"verdict": "noise", "why": f"{'worse' if worse else 'better'} by {abs(change):.1%}, but a side "
+                      "has no block interval (a record without blocks, e.g. a train-run): " + PAIRED_HINT}
     if overlap:
         return row | {"verdict": "noise", "why": f"{'worse' if worse else 'better'} by {abs(change):.1%} but the 95% "
                       "intervals overlap: more samples (--max-time) or a tighter --precision would decide" + older}

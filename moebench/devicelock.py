@@ -45,7 +45,7 @@ class DeviceLock:
 
     def acquire(self) -> str | None:
         busy = []
-        for dev in self.ids:
+        for dev in sorted(self.ids):  # one order for every process (CUDA_VISIBLE_DEVICES 0,1 vs 1,0): no deadlock
             f = open(lock_dir() / f"{dev}.lock", "a+")  # noqa: SIM115 - held until release()
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

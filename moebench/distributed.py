@@ -577,6 +577,7 @@ def measure(case: Case, device: torch.device) -> dict:
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     flush = core.l2_flush(case, device)
+    core.reset_compiler()
     step = core.build_step(case, device, rank=r, built=lambda: core.reset_peak(device))
     agree = _agree(device, group)
     with ep.recording(device) as rec:
@@ -624,35 +625,41 @@ def _merge(case: Case, per: list[dict], device: torch.device, step, t) -> dict:
     R, T = len(per), w.tokens
     step_ms = [max(p["step_ms"][i] for p in per) for i in range(len(t.step_ms))]
     m = core.timing_metrics(case, step, t, per[0]["warmup_steps"], device, ranks=R, step_ms=step_ms)
-    timed = w.exec != "graphs"  # a replayed graph runs no host code: no span or byte count per exchange
+    # eager only: a replayed graph runs no host code (no span, byte or row count per exchange), and under compile the
+    # recorder's host code is traced by dynamo, untested so far: neither is reported as a measurement
+    timed = w.exec == "eager"
+    if not timed:  # unmeasured is None, never a 0 that reads as a measurement
+        per = [p | {k: None for k in ("rows_received", "rows_sent_remote", "rows_received_remote")}
+               | {"bytes_by_kind": {}, "rows_received_padded": None} for p in per]
     share = [float(np.median([a / s for a, s in zip(p["a2a_ms"], p["step_ms"])])) if timed else None for p in per]
     per_rank = [{"rank": p["rank"], "tokens": p["tokens"], "step_ms": metrics.quantiles(p["step_ms"]),
-                 "a2a_ms": metrics.quantiles(p["a2a_ms"]), "a2a_share": s,
+                 "a2a_ms": metrics.quantiles(p["a2a_ms"]) if timed else None, "a2a_share": s,
                  "a2a_ms_by_kind": {k: float(np.median(v)) for k, v in p["a2a_ms_by_kind"].items()},
                  "bytes_by_kind": p["bytes_by_kind"],
                  "gbps_by_kind": {k: b / ms * 1e-6 for k, b in p["bytes_by_kind"].items()
                                   if (ms := float(np.median(p["a2a_ms_by_kind"].get(k, [0.0])))) > 0},
-                 "padding_frac": 1 - p["rows_received"] / p["rows_received_padded"] if p["rows_received_padded"]
-                 else 0.0,
+                 "padding_frac": None if not timed else 1 - p["rows_received"] / p["rows_received_padded"]
+                 if p["rows_received_padded"] else 0.0,
                  "rows_received": p["rows_received"], "rows_sent_remote": p["rows_sent_remote"],
                  "rows_received_remote": p["rows_received_remote"], "memory": p["memory"]}
                 for p, s in zip(per, share)]
     kinds_b = sorted({k for pr in per_rank for k in pr["bytes_by_kind"]})
     kinds_g = sorted({k for pr in per_rank for k in pr["gbps_by_kind"]})
     remote_bytes = np.mean([p["rows_sent_remote"] for p in per]) * spec.d_model * torch.empty((), dtype=getattr(
-        torch, w.dtype)).element_size()
+        torch, w.dtype)).element_size() if timed else None
     m["ep"] = {
         "ranks": R, "tokens_per_rank": T, "tokens_global": R * T, "warmup_steps": per[0]["warmup_steps"],
         "a2a_share": float(np.mean(share)) if timed else None,
         "a2a_ms": float(np.mean([pr["a2a_ms"]["p50"] for pr in per_rank])) if timed else None,
         "bytes_by_kind": {k: float(np.mean([pr["bytes_by_kind"].get(k, 0.0) for pr in per_rank])) for k in kinds_b},
-        "a2a_bytes_per_step": float(np.mean([sum(pr["bytes_by_kind"].values()) for pr in per_rank])),
+        "a2a_bytes_per_step": float(np.mean([sum(pr["bytes_by_kind"].values()) for pr in per_rank]))
+        if timed else None,
         "gbps_by_kind": {k: float(np.mean([pr["gbps_by_kind"][k] for pr in per_rank if k in pr["gbps_by_kind"]]))
                          for k in kinds_g},
-        "padding_frac": float(np.mean([pr["padding_frac"] for pr in per_rank])),
+        "padding_frac": float(np.mean([pr["padding_frac"] for pr in per_rank])) if timed else None,
         "a2a_ms_by_kind": {k: float(np.mean([pr["a2a_ms_by_kind"].get(k, 0.0) for pr in per_rank]))
                            for k in per_rank[0]["a2a_ms_by_kind"]},
-        "remote_row_bytes_per_exchange": float(remote_bytes),
+        "remote_row_bytes_per_exchange": float(remote_bytes) if timed else None,
         "per_rank": per_rank,
         "definitions": "step time = the slowest rank's, per step; tokens/s over all ranks' tokens; a2a = the "
                        "exchange time the rank's stream is exposed to: counts exchange (with its host sync) + "

@@ -180,6 +180,7 @@ def run_group(cases: list[Case], rounds: int, steps: int, on_round=None) -> dict
     w = cases[0].workload
     core.apply_memory_budget(cases[0])
     torch.manual_seed(w.seed)
+    core.reset_compiler()  # once: each case's compiled code must live until its last round
     prepared = [_prepare(c, device) for c in cases]
     live = [(i, step) for i, (step, _) in enumerate(prepared) if step is not None]
     entries = [e for _, e in prepared]
@@ -206,9 +207,12 @@ def run_group(cases: list[Case], rounds: int, steps: int, on_round=None) -> dict
                 samples[i].append(ms)
             if on_round:
                 on_round(r)
-    base = samples.get(0)
+    base = samples.get(0) or None
     for i, per_round in samples.items():
         allms = [x for blk in per_round for x in blk]
+        if not allms:  # no rounds ran: it was the group's only case that could run
+            entries[i] |= {"status": "skipped", "reason": "no other case of its group ran: nothing to pair with"}
+            continue
         med = float(np.median(allms))
         tps = w.tokens / (med / 1e3)
         e = entries[i] | {"status": "ok", "samples_ms": per_round, "step_ms_p50": med,
@@ -218,7 +222,7 @@ def run_group(cases: list[Case], rounds: int, steps: int, on_round=None) -> dict
         if base is not None:
             e |= _speedup(base, per_round)
         entries[i] = e
-    if 0 not in samples:
+    if base is None:
         for e in entries:
             e.setdefault("ratio", None)
             e.setdefault("why_no_ratio", "the base case did not run")

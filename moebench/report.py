@@ -117,18 +117,24 @@ def frame(records: list[dict]) -> pd.DataFrame:
     if df.empty:
         return df
     extra = []
-    for r in records:
+    for r, tokens in zip(records, df["tokens"]):
         c, m, env = r.get("case") or {}, r.get("metrics") or {}, r.get("env") or {}
         w, mod = c.get("workload") or {}, c.get("model") or {}
         mem = m.get("memory") or {}
         opts = c.get("backend_options") or {}
-        tokens = (w.get("batch") or 0) * (w.get("seq") or 0)
+        # a multi-rank record's tokens/s and TFLOP/s count every rank (core.timing_metrics): so do its interval
+        # (results.to_frame's tokens) and the ceilings its MFU is taken against; its ranks are part of the workload
+        R = int(w.get("ranks") or 1)
         fpt = m.get("flops_per_token")
         ex = w.get("exec", "eager")
-        base = f"{w.get('level')}/{w.get('mode')} {w.get('dtype')} {w.get('batch')}x{w.get('seq')} {w.get('routing')}"
+        base = f"{w.get('level')}/{w.get('mode')} {w.get('dtype')} {w.get('batch')}x{w.get('seq')} {w.get('routing')}" \
+            + (f" {R} rank{'s' if R > 1 else ''}" if w.get("ranks") else "")
         lo, hi, kind = _interval(r, tokens)
-        ceiling = env.get("ceiling_tflops")
-        sheet = metrics.datasheet_peak(env.get("gpu"))
+        # the stored ceilings are bf16 matmul rates: an fp8 GEMM case gets no MFU and no roofline against them
+        bf16_roof = w.get("gemm_dtype", "default") == "default"
+        ceiling = env.get("ceiling_tflops") * R if env.get("ceiling_tflops") and bf16_roof else None
+        sheet = metrics.datasheet_peak(env.get("gpu")) if bf16_roof else None
+        sheet = sheet * R if sheet else None
         tf = m.get("tflops") if r.get("status") == "ok" else None
         extra.append({
             "backend_label": (c.get("backend") or "?") + "".join(f",{k}={v}" for k, v in sorted(opts.items()))
@@ -144,14 +150,15 @@ def frame(records: list[dict]) -> pd.DataFrame:
             "memory_budget_gib": c.get("memory_budget_gib"),
             "memory_kind": "GPU peak allocated" if "peak_allocated_gib" in mem
             else ("CPU peak RSS" if "peak_rss_gib" in mem else None),
-            "ceiling_tflops": ceiling, "ceiling_what": env.get("ceiling"), "copy_gbps": env.get("copy_gbps"),
+            "ceiling_tflops": env.get("ceiling_tflops"), "ceiling_what": env.get("ceiling"),
+            "copy_gbps": env.get("copy_gbps"),
             "datasheet_tflops": sheet,
             # MFU from the ceiling each record stores, never metrics.mfu_measured (issue 17.1: older records
             # computed that against a different ceiling than the one in their env block)
             "mfu_env": tf / ceiling if isinstance(tf, (int, float)) and ceiling else None,
             "mfu_sheet": tf / sheet if isinstance(tf, (int, float)) and sheet else None,
             "tps_lo": lo, "tps_hi": hi, "interval": kind,
-            "roofline": roofline.of_case(c),
+            "roofline": roofline.of_case(c) if bf16_roof else None,
             "profile": m.get("profile") if isinstance(m.get("profile"), dict) else None,
             "work_gflop": fpt * tokens / 1e9 if isinstance(fpt, (int, float)) and tokens else None,
             "counts_global": _first(m, "balance.counts_global"),

@@ -34,7 +34,8 @@ def ep_table(records: list[dict]) -> Table | None:
             rows.append([str(c["model"].get("name")), c["backend"] + opts, c["workload"].get("exec", "eager"),
                          str(epscaling.ranks_of(r)), fmt(ep.get("tokens_per_rank")), fmt(epscaling.tps(r))
                          + (" noisy" if m.get("noisy") else ""), base,
-                         f"{best['speedup']:.2f}x" if best.get("speedup") else "", pct(ep.get("a2a_share")),
+                         f"{best['speedup']:.2f}x" + (" (noisy)" if m.get("noisy") or best.get("baseline_noisy") else "")
+                         if best.get("speedup") else "", pct(ep.get("a2a_share")),
                          fmt(gbps.get("dispatch")), fmt(gbps.get("combine")),
                          fmt((ep.get("a2a_bytes_per_step") or 0) / 2**20) if ep.get("a2a_bytes_per_step") else "",
                          pct(ep.get("padding_frac")) if ep.get("padding_frac") else "", f])

@@ -36,17 +36,21 @@ def speed_table(df: pd.DataFrame) -> Table | None:
     if fp8.empty:
         return None
     base = df[(df["gemm_dtype"] == "default") & (df["backend_label"] == BASE) & (df["status"] == "ok")]
-    base = base.drop_duplicates(MATCH, keep="last").set_index(MATCH)["tokens_per_s"]
+    base = base.drop_duplicates(MATCH, keep="last").set_index(MATCH)
     rows = []
     for _, r in fp8.iterrows():
-        b = base.get(tuple(r[c] for c in MATCH))
+        key = tuple(r[c] for c in MATCH)
+        b = base["tokens_per_s"].get(key)
+        b_noisy = bool(base["noisy"].get(key))
         ok = r["status"] == "ok"
         tps = r["tokens_per_s"] if ok else None
-        speed = f"{tps / b:.2f}x" if ok and isinstance(b, (int, float)) and b and tps else ""
+        speed = f"{tps / b:.2f}x" + (" (noisy)" if r["noisy"] or b_noisy else "") \
+            if ok and isinstance(b, (int, float)) and b and tps else ""
         par = r.get("parity")
         tol = par.get("tol") if isinstance(par, dict) else None
         rows.append([str(r["model"]), r["workload"], r["backend_label"], str(r["gemm_dtype"]),
-                     fmt(tps) + (" noisy" if ok and r["noisy"] else ""), fmt(b), speed,
+                     fmt(tps) + (" noisy" if ok and r["noisy"] else ""), fmt(b) + (" noisy" if b_noisy else ""),
+                     speed,
                      _err(par, "errors") + (f" (tol {tol:.2%})" if isinstance(tol, (int, float)) else ""),
                      _err(par, "vs_naive"), _worst_grad(par, "vs_naive"), _err(par, "fp8_cost"),
                      "ok" if ok else f"{r['status']}: {r['reason']}"])
@@ -76,7 +80,7 @@ def train_gap_table(df: pd.DataFrame) -> Table | None:
         return None
     t["backend_name"] = t["backend"].astype(str) + t["backend_options"].map(lambda s: "" if s == "{}" else f" {s}")
     rows = []
-    for _, g in t.groupby(["model", "workload_base", "backend_name", "gpu"], sort=False):
+    for _, g in t.groupby(["model", "workload", "backend_name", "gpu"], sort=False):  # workload: with its exec
         base = g[g["gemm_dtype"] == "default"]
         if base.empty:
             continue
@@ -87,13 +91,14 @@ def train_gap_table(df: pd.DataFrame) -> Table | None:
             steps = (r["train_run"] or {}).get("steps")
             same = steps == (b["train_run"] or {}).get("steps")
             gap = val - b_val if same and isinstance(val, float) and isinstance(b_val, float) else None
-            rows.append([str(r["model"]), r["backend_name"], str(r["gemm_dtype"]), fmt(steps), fmt(b_tail), fmt(tail),
+            rows.append([str(r["model"]), r["workload"], r["backend_name"], str(r["gemm_dtype"]), fmt(steps),
+                         fmt(b_tail), fmt(tail),
                          fmt(b_val), fmt(val), fmt(gap), f"{gap / b_val:+.2%}" if gap is not None and b_val else "",
                          "" if same else "different step counts: no gap"])
     if not rows:
         return None
     return Table("Training: bf16 vs fp8 expert GEMMs after the same steps",
-                 ["model", "backend", "gemm dtype", "steps", "bf16 train loss (last 10%)", "train loss (last 10%)",
+                 ["model", "workload", "backend", "gemm dtype", "steps", "bf16 train loss (last 10%)", "train loss (last 10%)",
                   "bf16 final val loss", "final val loss", "val loss gap", "relative gap", "note"], rows,
                  "Same model, seed, data and schedule; only the expert GEMMs' dtype differs. Train loss: the mean "
                  "of the last 10% of steps' total loss; val loss: the last evaluation. Gap = this - bf16 (positive: "

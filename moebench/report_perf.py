@@ -79,7 +79,9 @@ def _tps_panel(c: pd.DataFrame) -> Panel:
     bars = []
     for _, r in c.iterrows():
         is_base = r["backend_label"] == base
-        note = "base" if is_base else (f"{r['tokens_per_s'] / ref:.2f}x" if ref else "")
+        noisy = bool(r["noisy"]) or bool(c.loc[c["backend_label"] == base, "noisy"].astype(bool).any()) if base \
+            else bool(r["noisy"])
+        note = "base" if is_base else (f"{r['tokens_per_s'] / ref:.2f}x" + (" (noisy)" if noisy else "") if ref else "")
         bars.append(Bar(r["backend_label"], float(r["tokens_per_s"]), r["color"], _num(r["tps_lo"]),
                         _num(r["tps_hi"]), note, is_base, "noisy" if r["noisy"] else ""))
     return Panel(_panel_title(c.iloc[0]), bars)

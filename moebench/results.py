@@ -172,7 +172,7 @@ def to_frame(records: list[dict]):
             "level": w.get("level"), "mode": w.get("mode"), "exec": w.get("exec", "eager"), "dtype": w.get("dtype"),
             "gemm_dtype": w.get("gemm_dtype", "default"),  # the expert GEMMs' precision (older records: default)
             "routing": w.get("routing"),
-            "batch": w.get("batch"), "seq": w.get("seq"), "tokens": (w.get("batch") or 0) * (w.get("seq") or 0),
+            "batch": w.get("batch"), "seq": w.get("seq"), "tokens": (w.get("batch") or 0) * (w.get("seq") or 0) * (w.get("ranks") or 1),  # a step's, every rank's (as tokens/s)
             "d_model": mod.get("d_model"), "d_expert": mod.get("d_expert"), "n_experts": mod.get("n_experts"),
             "top_k": mod.get("top_k"),
             "tokens_per_s": tps.get("p50"), "tokens_per_s_p20": tps.get("p20"), "tokens_per_s_p80": tps.get("p80"),

@@ -104,6 +104,9 @@ def _check_idx(path, idx_LTK: np.ndarray, E: int, K: int) -> None:
     if idx_LTK.min() < 0 or idx_LTK.max() >= E:
         raise TraceError(f"{path}: expert ids span {idx_LTK.min()}..{idx_LTK.max()}, outside 0..{E - 1} "
                          f"(n_experts {E})")
+    if K > 1 and (np.diff(np.sort(idx_LTK, axis=-1), axis=-1) == 0).any():  # top-k picks K distinct experts;
+        # every backend assumes it (ep-padded's blocks hold T*min(K, E/R) rows)
+        raise TraceError(f"{path}: a token picks the same expert twice (top-k choices must be distinct)")
 
 
 def _open(stored: str):

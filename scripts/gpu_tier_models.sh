@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device call for issues 17/18/15: the GPU test tier, the `models` suite (grouped_mm and triton, uniform routing),
-# the whole test suite with -n 8, and model-level torch.compile of moeforge-medium (graph breaks); into $OUT.
+# the whole test suite with -n 8, and model-level torch.compile of moeforge-small (graph breaks); into $OUT.
 #   usage (carry .whl .gitcommit): bash scripts/gpu_tier_models.sh
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

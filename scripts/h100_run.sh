@@ -10,11 +10,11 @@ mkdir -p /root/.cache/moebench
 [ -f /root/.cache/moebench/triton_tune.json ] || cp results/triton_dev/v8_tune.json /root/.cache/moebench/triton_tune.json
 OUT=${OUT:-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv > "$OUT/nvidia-smi.txt"
-[ -f results/h100/partial.jsonl ] && cp results/h100/partial.jsonl "$OUT/h100.jsonl"
+[ -f results/h100/partial.jsonl ] && cp results/h100/partial.jsonl "$OUT/layers.jsonl"
 [ -f results/h100/partial.log ] && cp results/h100/partial.log "$OUT/h100.log"
 start=$(date +%s)
 timeout -s TERM "${2:-540}" python3 -m moebench run --suite layers --backends "$1" --device cuda --out "$OUT/layers.jsonl" \
   --resume --no-report >> "$OUT/h100.log" 2>&1
-echo "== exit $? in $(( $(date +%s) - start )) s; records: $(wc -l < "$OUT/h100.jsonl")"
+echo "== exit $? in $(( $(date +%s) - start )) s; records: $(wc -l < "$OUT/layers.jsonl")"
 grep -E "^ *(ok|skipped|mismatch|oom|timeout|failed) " "$OUT/h100.log" | tail -n +1 | cut -c1-160 | tail -40
 cp /root/.cache/moebench/triton_tune.json "$OUT/triton_tune.json"

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from typer.testing import CliRunner
 from moebench import envinfo, harness
 from moebench.cli import app
 from moebench.spec import Case, Workload, preset
+from tests.procs import gone, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -82,21 +82,16 @@ def test_sigkill_of_the_runner_takes_its_worker_along(tmp_path, cli_env):
                              "--out", str(tmp_path / "r.jsonl"), "--no-report"], env=cli_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pids = tmp_path / "pids"
-    t0 = time.monotonic()
-    while not pids.exists() and time.monotonic() - t0 < 120:
-        time.sleep(0.2)
-    assert pids.exists(), "the hanging case never started"
-    worker = int(pids.read_text().split()[0])
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-    t0 = time.monotonic()
-    while Path(f"/proc/{worker}").exists() and time.monotonic() - t0 < 10:
-        try:
-            if Path(f"/proc/{worker}/stat").read_text().split(")")[1].split()[0] == "Z":
-                break
-        except OSError:
-            break
-        time.sleep(0.1)
-    alive = Path(f"/proc/{worker}/stat").exists() and \
-        Path(f"/proc/{worker}/stat").read_text().split(")")[1].split()[0] != "Z"
-    assert not alive, "the worker outlived its SIGKILLed runner"
+    started = []
+    try:
+        wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 2, 120, "the hanging case to start")
+        started = [int(p) for p in pids.read_text().split()]  # the worker, and the child it left hanging
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        assert gone(started[0], within_s=10), "the worker outlived its SIGKILLed runner"
+    finally:  # nothing of this test outlives it, pass or fail (the hanging `sleep` outlives the worker)
+        for pid in [proc.pid, *started]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -172,7 +172,7 @@ def test_two_nodes_give_the_records_of_nproc_2(tmp_path):
     from moebench.report_ep import ep_table
     from moebench.results import read
     rows = ep_table(read(tmp_path / "one.jsonl").records).rows
-    assert sorted(r[1] for r in rows) == ["ep", "ep-padded", "ep-pipelined"] and all(r[7].endswith("x") for r in rows)
+    assert sorted(r[1] for r in rows) == ["ep", "ep-padded", "ep-pipelined"] and all(r[7].split(" ")[0].endswith("x") for r in rows)  # "(noisy)" may follow
 
 
 def _close(a, b) -> bool:

@@ -86,6 +86,15 @@ def test_a_case_that_fails_is_reported_and_the_others_still_pair(fault_backends,
     assert len(shuffle["ratio_rounds"]) == 2 and shuffle["ratio_ci95"] is None  # < 3 rounds: no interval
 
 
+def test_the_only_case_left_to_run_is_skipped_not_ok(fault_backends):
+    # protection: run_group's `if not allms` (no rounds ran: no timing, so no `ok` with a NaN median)
+    res = paired.run_group([_case("naive"), _case("fault-raise")], rounds=2, steps=1)
+    st = {e["backend"]: (e["status"], e.get("reason", "")) for e in res["cases"]}
+    assert st["fault-raise"][0] == "failed"
+    assert st["naive"] == ("skipped", "no other case of its group ran: nothing to pair with"), st
+    assert all(e["ratio"] is None for e in res["cases"])
+
+
 def test_cli_paired_writes_json_and_names_a_missing_base(tmp_path, cli_env):
     out = tmp_path / "p.json"
     ok = subprocess.run([sys.executable, "-m", "moebench", "paired", "-s", "ci", "-b", "naive,shuffle", "-m", "tiny-layer",

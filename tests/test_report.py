@@ -109,8 +109,9 @@ def test_throughput_panels_mark_the_base_print_speedups_and_flag_noisy_bars(reco
     assert by["naive"].base and by["naive"].note == "base"
     naive_tps = float(small.loc[small["backend"] == "naive", "tokens_per_s"].iloc[0])
     gmm_tps = float(small.loc[small["backend"] == "grouped_mm", "tokens_per_s"].iloc[0])
-    assert by["grouped_mm"].note == f"{gmm_tps / naive_tps:.2f}x" and not by["grouped_mm"].base
     assert by["naive"].flagged == "noisy" and by["grouped_mm"].flagged == ""   # the fixture's naive is noisy
+    # so a ratio against it says so, though grouped_mm's own record is not noisy
+    assert by["grouped_mm"].note == f"{gmm_tps / naive_tps:.2f}x (noisy)" and not by["grouped_mm"].base
     # whiskers: the record's 95% CI of the median, in tokens/s
     assert by["grouped_mm"].lo < gmm_tps < by["grouped_mm"].hi
     # no naive: grouped_mm is the base
@@ -406,3 +407,38 @@ def test_a_bad_paired_file_exits_2_naming_it(tmp_path, records):
     res = runner.invoke(app, ["report", str(src), "-p", str(bad), "-o", str(tmp_path / "out")])
     assert res.exit_code == 2 and str(bad) in res.output and "not a `moebench paired` result" in res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_multi_rank_record_has_its_own_row_interval_and_mfu(records):
+    """An EP record's tokens/s and TFLOP/s count every rank (core.timing_metrics): its interval (report and
+    compare) must contain its median, its MFU is against R ceilings, and 1 and 2 ranks of one case are two rows."""
+    import copy
+
+    from moebench import compare
+    one = next(r for r in records if r["status"] == "ok" and r["case"]["workload"]["level"] == "layer"
+               and (r["metrics"].get("precision") or {}).get("ci95_ms") and r["env"].get("ceiling_tflops"))
+    one = copy.deepcopy(one)
+    one["case"]["workload"]["ranks"] = 1
+    two = copy.deepcopy(one)
+    two["case"]["workload"]["ranks"] = 2
+    two["case_key"] += "-r2"
+    for k in ("p20", "p50", "p80"):
+        two["metrics"]["tokens_per_s"][k] *= 2  # two ranks, the same step time
+    two["metrics"]["tflops"] *= 2
+    df = report.latest(report.frame([one, two]))
+    assert len(df) == 2 and df["workload"].nunique() == 2
+    r1, r2 = df.iloc[0], df.iloc[1]
+    assert r2["tps_lo"] <= r2["tokens_per_s"] <= r2["tps_hi"] and r2["tps_lo"] == pytest.approx(2 * r1["tps_lo"])
+    assert r2["mfu_env"] == pytest.approx(r1["mfu_env"])
+    ci, _ = compare.interval(results.to_frame([two]).iloc[0])
+    assert ci[0] <= two["metrics"]["tokens_per_s"]["p50"] <= ci[1]
+
+
+def test_an_fp8_record_gets_no_bf16_mfu_or_roofline(records):
+    import copy
+    rec = copy.deepcopy(next(r for r in records if r["status"] == "ok" and r["case"]["workload"]["level"] == "layer"
+                             and r["env"].get("ceiling_tflops")))
+    assert report.frame([rec]).iloc[0]["mfu_env"] is not None
+    rec["case"]["workload"]["gemm_dtype"] = "fp8-rowwise"
+    row = report.frame([rec]).iloc[0]
+    assert row["mfu_env"] is None and row["mfu_sheet"] is None and row["roofline"] is None

@@ -25,6 +25,7 @@ from moebench.core import timing
 from moebench.core.steps import Step
 from moebench.devicelock import DeviceLock
 from moebench.suite import load
+from tests.procs import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = 20
@@ -95,12 +96,22 @@ def test_a_second_process_timing_the_same_device_sees_the_lock(tmp_path, monkeyp
         assert proc.returncode == 0, proc.stderr[-2000:]
         rec = results.read(out).records[0]
         assert rec["status"] == "ok" and f"pid {os.getpid()}" in rec["metrics"]["noisy"], rec["metrics"]["noisy"]
-        waiting = subprocess.Popen([sys.executable, "-m", "moebench", "run", "--suite", str(suite), "--device", "cpu",
-                                    "--out", str(tmp_path / "wait.jsonl"), "--no-report"], env=env,
-                                   stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        time.sleep(8)
-        assert waiting.poll() is None and not (tmp_path / "wait.jsonl").read_text().strip()  # it waits
-    err = waiting.communicate(timeout=300)[1]
+        errfile, wait_out = tmp_path / "wait.err", tmp_path / "wait.jsonl"
+        with open(errfile, "w") as err_w:
+            waiting = subprocess.Popen([sys.executable, "-m", "moebench", "run", "--suite", str(suite), "--device",
+                                        "cpu", "--out", str(wait_out), "--no-report"], env=env, stderr=err_w,
+                                       stdout=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: "waiting for cpu" in errfile.read_text() or waiting.poll() is not None, 120,
+                     "the second run to say it waits for the lock")
+            time.sleep(2)  # and it keeps waiting: no record while the lock is held
+            assert waiting.poll() is None, errfile.read_text()[-2000:]
+            assert not (wait_out.exists() and wait_out.read_text().strip())
+        except BaseException:
+            waiting.kill()
+            raise
+    waiting.wait(timeout=300)
+    err = errfile.read_text()
     assert waiting.returncode == 0 and f"waiting for cpu: moebench pid {os.getpid()}" in err, err[-2000:]
     rec = results.read(tmp_path / "wait.jsonl").records[0]
     assert rec["status"] == "ok" and "device_busy" not in rec["metrics"]

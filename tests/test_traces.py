@@ -118,13 +118,17 @@ def test_router_output_parsing():
 
 
 def test_trace_file_is_validated(tmp_path):
-    idx_LTK = np.random.default_rng(0).integers(0, 5, (2, 10, 2))
+    idx_LTK = np.argsort(np.random.default_rng(0).random((2, 10, 5)), axis=-1)[..., :2]  # 2 distinct of 5
     meta = {"n_experts": 5, "top_k": 2, "model": "x", "layers": ["a", "b"]}
     p = traces.save(tmp_path / "ok.npz", idx_LTK, None, meta)
     t = traces.load(str(p))
     assert t.idx_LTK.dtype == np.int16 and np.array_equal(t.idx_LTK, idx_LTK) and t.meta["tokens"] == 10
     with pytest.raises(traces.TraceError, match="outside 0..4"):
         traces.save(tmp_path / "bad.npz", idx_LTK + 1, None, meta)
+    twice = idx_LTK.copy()
+    twice[1, 3, 1] = twice[1, 3, 0]
+    with pytest.raises(traces.TraceError, match="picks the same expert twice"):
+        traces.save(tmp_path / "twice.npz", twice, None, meta)
     with pytest.raises(traces.TraceError, match="does not exist"):
         traces.load(str(tmp_path / "missing.npz"))
     (tmp_path / "junk.npz").write_text("not a zip")

@@ -338,9 +338,8 @@ def _(x_TD, idx_TK, p_TK, w1_EDF2, w2_EFD, save_h, for_backward, wdesc, pregathe
     (T, D), K, (E, _, F2) = x_TD.shape, idx_TK.shape[1], w1_EDF2.shape
     S, F = T * K, F2 // 2
     y = x_TD.new_empty(T, D)
-    ints = [idx_TK.new_empty(0, dtype=torch.int32)] * 5
-    if not for_backward:
-        return [y, x_TD.new_empty(0), x_TD.new_empty(0), *ints]
+    if not for_backward:  # distinct tensors, as the real op returns (custom-op outputs must not alias)
+        return [y, x_TD.new_empty(0), x_TD.new_empty(0)] + [idx_TK.new_empty(0, dtype=torch.int32) for _ in range(5)]
     keep = save_h
     h = x_TD.new_empty(S, F2) if keep else x_TD.new_empty(0)
     xs = x_TD.new_empty(S, D) if keep and uses_tma(x_TD, D, F) else x_TD.new_empty(0)

@@ -23,14 +23,15 @@ from moebench import components, envinfo, metrics
 from moebench.core.parity import TOLERANCE, mismatch_reason, parity, routing_for
 from moebench.core.steps import DTYPES, EXECS, Step
 from moebench.core.steps import build as build_step
+from moebench.core.steps import reset_compiler
 from moebench.core.timing import Timing, collector_off, summarize, time_precise, timed_block, warm_up
 from moebench.registry import all_backends, get
 from moebench.routing import dropped_fraction
 from moebench.spec import Case
 
 __all__ = ["DTYPES", "EXECS", "TOLERANCE", "NonFiniteLoss", "Step", "Timing", "apply_memory_budget", "build_step",
-           "collector_off",
-           "first_line", "l2_flush", "measure", "memory", "mismatch_reason", "parity", "reset_peak", "routing_for",
+           "collector_off", "first_line", "l2_flush", "measure", "memory", "mismatch_reason", "parity",
+           "reset_compiler", "reset_peak", "routing_for",
            "shape_of", "skip_reason", "time_precise", "timed_block", "timing_metrics", "warm_up"]
 
 L2_FLUSH_BYTES = 256 * 2**20
@@ -160,6 +161,7 @@ def measure(case: Case, device: torch.device) -> dict:
     backend = get(case.backend)
     opts = backend.call_options(case.backend_options, w.gemm_dtype)
     flush = l2_flush(case, device)
+    reset_compiler()
     step = build_step(case, device, built=lambda: reset_peak(device))
     n_warm, est_s = warm_up(step, w.warmup, device, check=lambda i, out: _finite_loss(i, step.losses_of(out)))
     t = time_precise(step, device, first=n_warm, est_s=est_s, min_steps=w.repeats, precision=case.precision,

@@ -93,10 +93,12 @@ def parity(case: Case, *, ranks: int = 1, rank: int = 0) -> dict:
         base = {k: v.to(dt).to(ref_dt) for k, v in base.items()}  # the values the backend's quantiser sees
     opts = backend.call_options(case.backend_options, w.gemm_dtype)
     keep_TK, extra = None, {}
+    if w.exec != "eager":  # what this gate runs: the backend's forward and backward, never the compiled/graphed step
+        extra["checked"] = f"the backend's eager forward and backward (the timed step runs under {w.exec})"
     if backend.capacity is not None:
         C = backend.capacity(T, spec.top_k, E, **opts)
         keep_TK = capacity_keep(idx_TK, E, C)
-        extra = {"capacity": C, "dropped_frac": 1.0 - keep_TK.float().mean().item()}
+        extra |= {"capacity": C, "dropped_frac": 1.0 - keep_TK.float().mean().item()}
     mine = slice(r0 := rank * T, r0 + T)
 
     def run(fn, dtype, rows, keep=None, layout="canonical", **opts):

@@ -177,11 +177,10 @@ def _model(case, backend, opts, device, dt, capturable: bool):
 def _compile(step: Step, holder: dict, fn, bufs, exec_: str) -> None:
     """torch.compile the module (compile-graphs: mode reduce-overhead); the first call (compiled here,
     synchronised) is compile_s, not a step."""
-    import torch._dynamo
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()  # a reused worker: nothing from the last case's compiles (caches, recompile limits)
-    counters.clear()
+    gb0, ok0, skips0 = _graph_breaks(), int(counters["frames"]["ok"]), _cudagraph_skips()  # others' compiles
+    reasons0 = set(counters["graph_break"])
     graphs = exec_ == "compile-graphs"
     holder["layer"] = torch.compile(holder["layer"], mode="reduce-overhead" if graphs else None)
     if graphs:  # each step begins a new graph-tree step, which may overwrite the last one's outputs: after() copies
@@ -190,21 +189,41 @@ def _compile(step: Step, holder: dict, fn, bufs, exec_: str) -> None:
     t0 = time.perf_counter()
     step.run(0)
     _sync(bufs)
-    step.exec_info |= {"compile_s": time.perf_counter() - t0, "graph_breaks": _graph_breaks(),
-                       "graph_break_reasons": sorted({k.splitlines()[0][:200] for k in counters["graph_break"]}),
-                       "frames_compiled": int(counters["frames"]["ok"])}
+    skips = _cudagraph_skips() - skips0
+    step.exec_info |= {"compile_s": time.perf_counter() - t0, "graph_breaks": _graph_breaks() - gb0,
+                       "graph_break_reasons": sorted({k.splitlines()[0][:200] for k in set(counters["graph_break"]) - reasons0}),
+                       "frames_compiled": int(counters["frames"]["ok"]) - ok0, "cudagraph_skips": skips}
+    if graphs and skips:  # inductor ran the step without CUDA graphs: that is `compile`, not this
+        raise RuntimeError(f"compile-graphs: inductor skipped CUDA graphs {skips} time(s) (it says why "
+                           "with TORCH_LOGS=perf_hints); timing it would time plain compile under compile-graphs")
     frames0 = int(counters["frames"]["total"])
 
     def finish() -> dict:
-        """After timing: graph breaks and frames compiled since the first call (recompiles)."""
-        return {"graph_breaks": _graph_breaks(), "recompiles": int(counters["frames"]["total"]) - frames0}
+        """After timing: graph breaks, frames compiled since the first call (recompiles), CUDA-graph skips."""
+        return {"graph_breaks": _graph_breaks() - gb0, "recompiles": int(counters["frames"]["total"]) - frames0,
+                "cudagraph_skips": _cudagraph_skips() - skips0}
 
     step.finish = finish
+
+
+def reset_compiler() -> None:
+    """Between cases (a reused worker or rank; once per paired group, never between its cases, whose compiled code
+    must survive until timed): nothing from earlier compiles (code caches, recompile limits, counters)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
 
 
 def _graph_breaks() -> int:
     from torch._dynamo.utils import counters
     return int(sum(counters["graph_break"].values()))
+
+
+def _cudagraph_skips() -> int:
+    """How often inductor (mode reduce-overhead) fell back to running a graph without CUDA graphs."""
+    from torch._dynamo.utils import counters
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def _graph(step: Step, holder: dict, fn, bufs, device: torch.device, across_processes: bool = False) -> None:
